@@ -1,0 +1,141 @@
+"""The one kernel entry: ``block_sparse_attention``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern
+from .flex import block_sparse_attention_flex, flex_available
+from .naive import block_sparse_attention_naive
+
+BACKENDS = ("auto", "flex", "reference")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern | None = None, *,
+                           causal: bool = True, scale: float | None = None, return_lse: bool = False,
+                           key_padding_mask: Tensor | None = None, backend: str = "auto", validate: bool = True):
+    """Attention over the tiles a :class:`~sparsa.BlockPattern` selects.
+
+    Args:
+        q: ``[B, Hq, Lq, D]``; the queries are the last ``Lq`` positions of the keys (prefix KV / chunked prefill).
+        k, v: ``[B, Hkv, Lk, D]`` with ``Hq`` a multiple of ``Hkv`` (grouped-query attention, never repeated).
+        pattern: tiles to compute; ``None`` means dense (causal if ``causal``).
+        causal: also mask keys after each query's position.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the natural-log log-sum-exp ``[B, Hq, Lq]`` (float32), to merge partial results.
+        key_padding_mask: ``[B, Lk]`` bool, True for real keys.
+        backend: ``"flex"`` (compiled FlexAttention), ``"reference"`` (plain PyTorch, linear memory) or ``"auto"``
+            (flex on CUDA, reference elsewhere).
+        validate: check the pattern's index values (one pass, one sync).
+
+    Returns:
+        ``out [B, Hq, Lq, Dv]`` in q's dtype, or ``(out, lse)``. Rows that see no key give 0 and ``lse = -inf``.
+    """
+    _check_inputs(q, k, v, key_padding_mask, backend)
+    batch, hq, lq, dim = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if pattern is None:
+        pattern = BlockPattern.dense(lq, lk, causal=causal, device=q.device)
+    _check_pattern(pattern, batch, hq, hkv, lq, lk)
+    if validate:
+        pattern.validate()
+    if scale is None:
+        scale = 1.0 / math.sqrt(dim)
+    elif not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    if key_padding_mask is not None:
+        key_padding_mask = key_padding_mask.to(q.device)
+
+    chosen = select_backend(backend, q, return_lse)
+    if chosen == "flex":
+        out, lse = block_sparse_attention_flex(q, k, v, pattern, causal=causal, scale=float(scale),
+                                               key_padding_mask=key_padding_mask, return_lse=return_lse)
+    else:
+        out, lse = block_sparse_attention_naive(q, k, v, pattern, causal=causal, scale=float(scale),
+                                                key_padding_mask=key_padding_mask)
+    return (out, lse) if return_lse else out
+
+
+def select_backend(backend: str, q: Tensor, return_lse: bool = False) -> str:
+    if backend == "auto":
+        return "flex" if q.is_cuda and flex_available() else "reference"
+    if backend == "flex":
+        if not flex_available():
+            raise ValueError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
+        if q.device.type == "cpu" and return_lse:
+            warn_once("flex-cpu-lse", "FlexAttention on the CPU cannot return the log-sum-exp when compiled; "
+                                      "using the reference backend for these calls")
+            return "reference"
+        if q.dtype == torch.float64:
+            warn_once("flex-f64", "FlexAttention does not take float64; using the reference backend")
+            return "reference"
+    return backend
+
+
+def _check_inputs(q, k, v, key_padding_mask, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [B, Hkv, Lk]")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the key/value heads ({hkv})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has more positions ({q.shape[2]}) than k ({k.shape[2]}): queries must be the last "
+                         "Lq positions of the keys")
+    if q.shape[2] == 0:
+        raise ValueError("q has no positions")
+    if key_padding_mask is not None:
+        if (not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool
+                or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])):
+            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else type(key_padding_mask)
+            raise ValueError(f"key_padding_mask must be a bool tensor [B, Lk] = {(k.shape[0], k.shape[2])}, got {got}")
+
+
+def _check_pattern(pattern, batch, hq, hkv, lq, lk):
+    if not isinstance(pattern, BlockPattern):
+        raise ValueError(f"pattern must be a sparsa.BlockPattern, got {type(pattern).__name__}")
+    if pattern.q_len != lq or pattern.kv_len != lk:
+        raise ValueError(f"pattern was built for q_len={pattern.q_len}, kv_len={pattern.kv_len} but the inputs "
+                         f"have Lq={lq}, Lk={lk}")
+    if pattern.batch not in (1, batch):
+        raise ValueError(f"pattern batch dim must be 1 or {batch}, got {pattern.batch}")
+    if pattern.heads not in (1, hq, hkv):
+        raise ValueError(f"pattern head dim must be 1, {hkv} (KV heads) or {hq} (query heads), got {pattern.heads}")
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine two attentions over disjoint key sets by their log-sum-exps: ``(out, lse)`` of the union."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    wa = torch.exp(lse_a - safe)[..., None]
+    wb = torch.exp(lse_b - safe)[..., None]
+    out = (out_a.float() * wa + out_b.float() * wb).to(out_a.dtype)
+    return out, lse

@@ -1,0 +1,149 @@
+"""Block-sparse attention through PyTorch FlexAttention (compiled; GPU and CPU).
+
+The ``BlockMask`` is built from the pattern's block indices (never from a token-level evaluation). Tiles that
+are fully visible -- below the causal diagonal, free of key padding, inside the token mask -- go to the
+"full" lists, where FlexAttention skips the mask function; this is worth ~15% on the GPU for causal masks.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern
+from .naive import pattern_head_map
+
+_compiled = None
+_FROM_KV_ARGS = None
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex():
+    """One compiled FlexAttention for the process; dynamo caches a graph per shape family, so sweeping lengths
+    reuses compiled code (automatic dynamic shapes) instead of recompiling each call."""
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled = torch.compile(flex_attention, fullgraph=True)
+    return _compiled
+
+
+def _compact(idx: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Move the kept entries of each row to the front, in order (a stable partition by cumulative sum)."""
+    width = idx.shape[-1]
+    pos = torch.where(keep, keep.cumsum(-1) - 1, width)  # dropped entries go to a spill column
+    out = torch.zeros(*idx.shape[:-1], width + 1, dtype=torch.int32, device=idx.device)
+    out.scatter_(-1, pos, idx.to(torch.int32))
+    return keep.sum(-1, dtype=torch.int32), out[..., :width].contiguous()
+
+
+def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv_heads: int, *, causal: bool,
+                     key_padding_mask: Tensor | None, device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    bq, bk = pattern.block_q, pattern.block_k
+    lq, lk = pattern.q_len, pattern.kv_len
+    offset = lk - lq
+    num, idx = pattern.kv_num_blocks.to(device), pattern.kv_indices.to(device)
+    kv_full = None if pattern.kv_full is None else pattern.kv_full.to(device)
+    if pattern.heads != 1 and pattern.heads != num_q_heads:
+        head_map = pattern_head_map(pattern, num_q_heads, num_kv_heads, device)
+        num, idx = num[:, head_map], idx[:, head_map]
+        kv_full = None if kv_full is None else kv_full[:, head_map]
+    if key_padding_mask is not None and num.shape[0] != batch:
+        num, idx = num.expand(batch, *num.shape[1:]), idx.expand(batch, *idx.shape[1:])
+        kv_full = None if kv_full is None else kv_full.expand(batch, *kv_full.shape[1:])
+
+    blocks = idx.long()
+    valid = torch.arange(idx.shape[-1], device=device) < num[..., None]
+    full = valid & ((blocks + 1) * bk <= lk)
+    if causal:
+        row_start = torch.arange(num.shape[-1], device=device)[:, None] * bq + offset
+        full &= (blocks + 1) * bk - 1 <= row_start
+    pad = None
+    if key_padding_mask is not None:
+        nkb = pattern.num_kv_blocks
+        pad = torch.zeros(batch, nkb * bk, dtype=torch.bool, device=device)
+        pad[:, :lk] = key_padding_mask.to(device)
+        block_ok = pad.view(batch, nkb, bk).all(-1)  # [B, Kb]
+        full &= torch.gather(block_ok[:, None, None, :].expand(*blocks.shape[:3], nkb), -1, blocks)
+    if kv_full is not None:
+        full &= kv_full
+    if device.type == "cpu" and idx.shape[-1] < pattern.num_kv_blocks:
+        # The CPU kernel asserts that the index lists span the whole key length; the GPU kernel does not.
+        grow = pattern.num_kv_blocks - idx.shape[-1]
+        idx = torch.nn.functional.pad(idx, (0, grow))
+        valid = torch.nn.functional.pad(valid, (0, grow))
+        full = torch.nn.functional.pad(full, (0, grow))
+    partial_num, partial_idx = _compact(idx, valid & ~full)
+    full_num, full_idx = _compact(idx, full)
+
+    mask_mod = _mask_mod(causal, offset, lk, pad, pattern.token_mask, device)
+    kwargs = dict(BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
+    supported = _from_kv_blocks_args()
+    if "seq_lengths" in supported:
+        kwargs["seq_lengths"] = (lq, lk)
+    if "compute_q_blocks" in supported:
+        kwargs["compute_q_blocks"] = False  # only needed for the backward pass
+    return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, **kwargs)
+
+
+def _from_kv_blocks_args():
+    global _FROM_KV_ARGS
+    if _FROM_KV_ARGS is None:
+        from torch.nn.attention.flex_attention import BlockMask
+
+        _FROM_KV_ARGS = set(inspect.signature(BlockMask.from_kv_blocks).parameters)
+    return _FROM_KV_ARGS
+
+
+def _mask_mod(causal, offset, kv_len, pad, token_mask, device):
+    # Offsets and lengths are tensors, not Python ints, so that compiled code is reused across lengths.
+    offset_t = torch.tensor(offset, device=device)
+    kv_len_t = torch.tensor(kv_len, device=device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx < kv_len_t
+        if causal:
+            keep = keep & (kv_idx <= q_idx + offset_t)
+        if pad is not None:
+            keep = keep & pad[b, kv_idx]
+        if token_mask is not None:
+            keep = keep & token_mask(q_idx + offset_t, kv_idx)
+        return keep
+
+    return mask_mod
+
+
+def kernel_options(pattern: BlockPattern, device) -> dict | None:
+    if device.type != "cuda":
+        return None
+    if pattern.block_q < 128 or pattern.block_k < 128:
+        # The kernel's tiles must divide the pattern's blocks.
+        return {"BLOCK_M": min(pattern.block_q, 64), "BLOCK_N": min(pattern.block_k, 64)}
+    return None
+
+
+def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPattern, *, causal: bool,
+                                scale: float, key_padding_mask: Tensor | None, return_lse: bool):
+    batch, hq = q.shape[:2]
+    hkv = k.shape[1]
+    block_mask = build_block_mask(pattern, batch, hq, hkv, causal=causal, key_padding_mask=key_padding_mask,
+                                  device=q.device)
+    result = _flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != hkv, return_lse=return_lse,
+                     kernel_options=kernel_options(pattern, q.device))
+    if return_lse:
+        out, lse = result
+        return out, lse.float()
+    return result, None
