@@ -1,0 +1,48 @@
+"""The prefill selector interface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from ..pattern import BlockPattern
+
+# Key lengths below which selectors hand over to dense attention by default: at short lengths the dense kernel
+# is as fast as any pattern and pattern construction is pure overhead. Chosen from `sparsa speed` on an H200
+# (see BENCHMARKS.md).
+DEFAULT_DENSE_BELOW = 4096
+
+
+@dataclass
+class Selector:
+    """A prefill method: looks at the queries and keys of one layer and returns the tiles to compute.
+
+    ``select`` gets ``q [B, Hq, Lq, D]`` and ``k [B, Hkv, Lk, D]`` (after RoPE, GQA not repeated; queries are
+    the last ``Lq`` positions). ``dense_below``: key length under which the caller uses dense attention.
+    """
+
+    name: ClassVar[str] = "selector"
+    dense_below: int = DEFAULT_DENSE_BELOW
+
+    def __post_init__(self):
+        check_int(self, "dense_below", minimum=0)
+
+    def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
+        raise NotImplementedError
+
+    def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
+        return self.select(q, k, layer_idx=layer_idx)
+
+
+def check_int(obj, field: str, minimum: int = 1):
+    value = getattr(obj, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{obj.name}: {field} must be an int >= {minimum}, got {value!r}")
+
+
+def check_block(obj, field: str = "block"):
+    value = getattr(obj, field)
+    if not isinstance(value, int) or value < 16 or value & (value - 1):
+        raise ValueError(f"{obj.name}: {field} must be a power of two >= 16, got {value!r}")
