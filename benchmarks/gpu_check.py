@@ -1,0 +1,156 @@
+"""GPU checks for the flex backend, and end-to-end selector timings against SDPA.
+
+Part 1 (correctness): flex against the plain-PyTorch reference on CUDA for the pattern kinds the library
+builds (dense with padding and prefix KV, 64-token blocks, per-head top-k with fewer indices than blocks,
+token masks, 2-D neighbourhoods), fp32 and bf16, several GQA ratios; and the number of compiled graphs
+across a sweep of lengths (compiled variants must be reused).
+
+Part 2 (selectors): for each static selector at its defaults, the time of pattern construction + attention
+against SDPA at 1K-16K tokens (B=1, 32/8 heads, D=128, bf16), to set ``dense_below``.
+
+Usage: ``python benchmarks/gpu_check.py [--jsonl PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+import sparsa
+from sparsa import BlockPattern, registry
+from sparsa.ops import block_sparse_attention
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
+
+
+def correctness(device="cuda"):
+    torch.manual_seed(0)
+    rows, ok = [], True
+    cases = []
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 2e-2)):
+        for (b, hq, hkv, lq, lk, d) in ((2, 8, 2, 700, 1000, 64), (1, 4, 4, 513, 513, 128), (3, 8, 1, 300, 300, 32)):
+            pats = {
+                "dense": BlockPattern.dense(lq, lk, device=device),
+                "dense64": BlockPattern.dense(lq, lk, block_q=64, device=device),
+                "streaming": BlockPattern.streaming(lq, lk, sink=4, window=100, device=device),
+                "window_dil": BlockPattern.sliding_window(lq, lk, window=9, dilation=3, block_q=64, device=device),
+                "topk_kvheads": BlockPattern.from_block_scores(
+                    torch.rand(b, hkv, -(-lq // 64), -(-lk // 64), device=device), q_len=lq, kv_len=lk,
+                    block_q=64, topk=2),
+                "s2": BlockPattern.strided(lq, lk, heads=hkv, local_blocks=2, vert_stride=4, block=64,
+                                           device=device),
+            }
+            for name, p in pats.items():
+                cases.append((dtype, tol, b, hq, hkv, lq, lk, d, name, p, True))
+    nat = BlockPattern.neighborhood_2d(24, 30, kernel_size=7, dilation=(1, 2), device=device)
+    cases.append((torch.bfloat16, 2e-2, 2, 4, 2, 720, 720, 64, "natten2d", nat, False))
+    for dtype, tol, b, hq, hkv, lq, lk, d, name, p, causal in cases:
+        q = torch.randn(b, hq, lq, d, device=device, dtype=dtype)
+        k = torch.randn(b, hkv, lk, d, device=device, dtype=dtype)
+        v = torch.randn(b, hkv, lk, d, device=device, dtype=dtype)
+        pad = torch.ones(b, lk, dtype=torch.bool, device=device)
+        pad[-1, : lk // 5] = False
+        ref, ref_lse = block_sparse_attention(q, k, v, p, causal=causal, key_padding_mask=pad,
+                                              backend="reference", return_lse=True)
+        out, lse = block_sparse_attention(q, k, v, p, causal=causal, key_padding_mask=pad, backend="flex",
+                                          return_lse=True)
+        fin = torch.isfinite(ref_lse)
+        err = rel(out, ref)
+        lse_err = float((lse - ref_lse)[fin].abs().max()) if fin.any() else 0.0
+        good = err < tol and lse_err < 20 * tol and bool((torch.isinf(lse) == ~fin).all())
+        ok &= good
+        rows.append(dict(part="correctness", case=name, dtype=str(dtype).split(".")[-1], shape=f"{b}x{hq}/{hkv}x"
+                         f"{lq}/{lk}x{d}", rel_err=err, lse_err=lse_err, ok=good))
+    # Compiled graphs must be reused across lengths.
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for n in (1000, 1500, 2100, 3000, 4096):
+        q = torch.randn(1, 8, n, 64, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, 2, n, 64, device=device, dtype=torch.bfloat16)
+        block_sparse_attention(q, k, k, BlockPattern.dense(n, device=device), backend="flex")
+    graphs = counters["stats"]["unique_graphs"] - before
+    rows.append(dict(part="correctness", case="graphs compiled for 5 lengths", value=graphs, ok=graphs <= 2))
+    ok &= graphs <= 2
+    return rows, ok
+
+
+def bench(fn, reps=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+def selectors(lengths, device="cuda"):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    names = ["dense", "streaming", "a_shape", "sliding_window", "s2"]
+    for n in lengths:
+        torch.manual_seed(n)
+        q = torch.randn(1, 32, n, 128, device=device, dtype=torch.bfloat16)
+        k = torch.randn(1, 8, n, 128, device=device, dtype=torch.bfloat16)
+        v = torch.randn(1, 8, n, 128, device=device, dtype=torch.bfloat16)
+        kr, vr = k.repeat_interleave(4, 1), v.repeat_interleave(4, 1)
+
+        def sdpa():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        base = bench(sdpa)
+        rows.append(dict(part="selectors", length=n, method="sdpa_flash", ms=base, ratio_vs_sdpa=1.0, density=1.0))
+        for name in names:
+            sel = registry.create("prefill", name)
+
+            def run():
+                p = sel.select(q, k)
+                return block_sparse_attention(q, k, v, p, validate=False)
+
+            ms = bench(run)
+            dens = sel.select(q, k).density()
+            rows.append(dict(part="selectors", length=n, method=name, ms=ms, ratio_vs_sdpa=base / ms, density=dens))
+        del q, k, v, kr, vr
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jsonl")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192,16384")
+    args = ap.parse_args(argv)
+    info = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    print(info, flush=True)
+    rows, ok = correctness()
+    for r in rows:
+        print(r, flush=True)
+    rows += selectors([int(x) for x in args.lengths.split(",")])
+    if args.jsonl:
+        with open(args.jsonl, "w") as f:
+            for r in rows:
+                f.write(json.dumps({**info, **r}) + "\n")
+    print("\n| length | method | ms | x SDPA | density |\n|---|---|---|---|---|")
+    for r in rows:
+        if r["part"] == "selectors":
+            print(f"| {r['length']} | {r['method']} | {r['ms']:.3f} | {r['ratio_vs_sdpa']:.2f} | {r['density']:.3f} |")
+    print("correctness:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

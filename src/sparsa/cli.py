@@ -1,0 +1,58 @@
+"""The ``sparsa`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _methods(args) -> int:
+    from . import registry
+
+    import dataclasses
+
+    for kind, names in registry.methods().items():
+        print(f"{kind}:")
+        for name in names:
+            cls = registry.method_class(kind, name)
+            params = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls) if f.init)
+            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            print(f"  {name:<16} {params}")
+            if args.verbose and summary:
+                print(f"  {'':<16} {summary}")
+    return 0
+
+
+def _default(f):
+    import dataclasses
+
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return "?"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sparsa", description="Block-sparse attention for long-context "
+                                     "transformers, and the benchmark that shows what it costs.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("methods", help="list registered prefill and decode methods with their defaults")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each method's one-line summary")
+    p.set_defaults(func=_methods)
+    sub.add_parser("speed", help="kernel timings against dense SDPA (run `sparsa speed --help`)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "speed":
+        from .bench.speed import main as speed_main
+
+        return speed_main(rest) or 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reference models: tokenizer, configs, training, and the bundled checkpoints."""
