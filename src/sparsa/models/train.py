@@ -6,8 +6,11 @@ project measured on the H200 (shared/REFERENCE_MODELS.md):
 1. bootstrap copying first (short samples built only to teach copying, densely supervised): a random list
    that is then repeated; a few needle lines followed by several questions in a row;
 2. then the real tasks (``sparsa.tasks``, training seeds disjoint from evaluation seeds) mixed with those
-   samples, the length growing from ``min_len`` to ``max_len`` over ``ramp_frac`` of the steps;
-3. loss = mean cross-entropy on answer tokens + ``prompt_weight`` x mean cross-entropy on prompt tokens, so
+   samples, the length growing from ``min_len`` to ``max_len`` over ``ramp_frac`` of training;
+3. progress = max(step / steps, elapsed / max_minutes): the curriculum and the cosine learning rate follow
+   the fraction of the time budget used, as in the recipe that worked (a fixed step count either overruns a
+   GPU lease or stops mid-schedule);
+4. loss = mean cross-entropy on answer tokens + ``prompt_weight`` x mean cross-entropy on prompt tokens, so
    long batches still carry answer signal; AdamW, warm-up, cosine.
 
 Usage (GPU): ``python -m sparsa.models.train --config ref-small --out DIR``. Writes the model with
@@ -145,8 +148,9 @@ def encode_segments(segments, tokenizer, max_len):
 class Batches(torch.utils.data.IterableDataset):
     """Whole training batches, one per step, generated in worker processes (step s by worker s mod W)."""
 
-    def __init__(self, cfg: TrainConfig, start_step: int = 0):
+    def __init__(self, cfg: TrainConfig, progress=None, start_step: int = 0):
         self.cfg = cfg
+        self.progress = progress  # shared value in [0, 1] written by the training loop
         self.start = start_step
 
     def __iter__(self):
@@ -162,29 +166,32 @@ class Batches(torch.utils.data.IterableDataset):
     def make(self, step, made, tokenizer):
         cfg = self.cfg
         rng = random.Random(cfg.seed * 1_000_003 + step)
-        length = length_at(cfg, step)
+        progress = step / cfg.steps if self.progress is None else max(self.progress.value, step / cfg.steps)
+        length = length_at(cfg, progress)
         count = max(1, cfg.tokens_per_step // length)
         rows = []
         for _ in range(count):
-            copy = step < cfg.bootstrap_frac * cfg.steps or rng.random() < cfg.copy_share or not made
-            if copy:
+            segs = None
+            if progress >= cfg.bootstrap_frac and rng.random() >= cfg.copy_share and made:
+                name = rng.choices(list(cfg.tasks), weights=list(cfg.tasks.values()))[0]
+                target = rng.randint(max(length // 2, min(1024, length)), length)
+                try:
+                    segs = task_sample(made[name], rng, target - 16, tokenizer)
+                except ValueError:  # too short for this task's fixed text: use a copy sample instead
+                    segs = None
+            if segs is None:
                 maker = copy_list_sample if rng.random() < 0.4 else needle_questions_sample
                 segs = maker(rng, rng.randint(min(cfg.bootstrap_len[0], length), length))
-            else:
-                name = rng.choices(list(cfg.tasks), weights=list(cfg.tasks.values()))[0]
-                target = rng.randint(max(length // 2, 64), length)
-                segs = task_sample(made[name], rng, target - 16, tokenizer)
             rows.append(encode_segments(segs, tokenizer, length))
         return collate(rows, length)
 
 
-def length_at(cfg: TrainConfig, step: int) -> int:
-    """Sequence length for a step: bootstrap length, then a linear ramp from min_len to max_len, then max_len."""
-    boot = cfg.bootstrap_frac * cfg.steps
-    if step < boot:
+def length_at(cfg: TrainConfig, progress: float) -> int:
+    """Sequence length at a training progress in [0, 1]: bootstrap length, then a linear ramp from min_len to
+    max_len over ``ramp_frac`` of training, then max_len."""
+    if progress < cfg.bootstrap_frac:
         return cfg.bootstrap_len[1]
-    ramp = max(cfg.ramp_frac * cfg.steps, 1)
-    frac = min((step - boot) / ramp, 1.0)
+    frac = min((progress - cfg.bootstrap_frac) / max(cfg.ramp_frac, 1e-9), 1.0)
     length = cfg.min_len + frac * (cfg.max_len - cfg.min_len)
     return max(256, int(round(length / 256)) * 256)
 
@@ -213,10 +220,11 @@ def build_model(cfg: TrainConfig):
     return LlamaForCausalLM(config)
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_frac`` over the training progress."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    frac = progress
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
@@ -240,7 +248,8 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.startswith("cuda"))
-    loader = torch.utils.data.DataLoader(Batches(cfg), batch_size=None, num_workers=cfg.workers,
+    progress = torch.multiprocessing.get_context("fork").Value("d", 0.0)
+    loader = torch.utils.data.DataLoader(Batches(cfg, progress), batch_size=None, num_workers=cfg.workers,
                                          prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
     log = (out / "train_log.jsonl").open("w")
     start = time.time()
@@ -249,8 +258,14 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
     model.train()
     last_step = -1
     for step, (ids, answer, real) in loader:
+        done = max(step / cfg.steps, (time.time() - start) / (cfg.max_minutes * 60))
+        progress.value = done
+        if done >= 1.0:
+            print(f"[{cfg.name}] training budget reached at step {step}", flush=True)
+            break
+        lr = lr_at(cfg, step, done)
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr
         ids, answer, real = ids.to(device), answer.to(device), real.to(device)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             logits = model(input_ids=ids).logits
@@ -263,16 +278,13 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
         last_step = step
         elapsed = time.time() - start
         if step % 50 == 0 or step == cfg.steps - 1:
-            row = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss),
-                   "answer_loss": float(ans_loss), "prompt_loss": float(prompt_loss), "lr": lr_at(cfg, step),
+            row = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss.detach()),
+                   "answer_loss": float(ans_loss), "prompt_loss": float(prompt_loss), "lr": lr, "progress": done,
                    "tokens": tokens, "minutes": elapsed / 60}
             log.write(json.dumps(row) + "\n")
             log.flush()
             print(f"[{cfg.name}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in row.items()), flush=True)
-        if elapsed > cfg.max_minutes * 60:
-            print(f"[{cfg.name}] time budget reached at step {step}", flush=True)
-            break
     minutes = (time.time() - start) / 60
     model.eval()
     save(model, cfg, out, {"steps_done": last_step + 1, "train_minutes": round(minutes, 2), "tokens": tokens,
