@@ -54,7 +54,8 @@ class SinkWindow(TokenMask):
             raise ValueError(f"window must be >= 1, got {self.window}")
 
     def __call__(self, q_pos, k_pos):
-        return (k_pos < self.sink) | ((q_pos - k_pos) < self.window)
+        # "up to the query": never a later key, so the rule matches key_ranges even without causal masking
+        return (k_pos <= q_pos) & ((k_pos < self.sink) | ((q_pos - k_pos) < self.window))
 
     def key_ranges(self, q_pos, kv_len):
         sink_end = torch.full_like(q_pos, min(self.sink, kv_len) - 1)
@@ -117,6 +118,9 @@ class Neighborhood1D(TokenMask):
         return self.dilation == 1
 
     def check(self, q_len, kv_len):
+        if not self.causal and self.extent != kv_len:
+            raise ValueError(f"extent ({self.extent}) must equal kv_len ({kv_len}) for non-causal neighbourhood "
+                             "attention: the window is shifted at the borders of the key axis")
         if not self.causal and kv_len < self.kernel * self.dilation:
             raise ValueError(
                 f"kv_len ({kv_len}) must be >= kernel_size * dilation ({self.kernel} * {self.dilation}) "

@@ -181,7 +181,9 @@ class BlockPattern:
         idx = torch.where(valid, order, 0).to(torch.int32)
         full = None
         if token_mask is not None:
-            full_mask = torch.ones_like(mask) if full_mask is None else _as_4d(full_mask, "full_mask")
+            # Without a full map nothing is known to be fully visible: kernels must evaluate the token mask
+            # on every tile (claiming tiles full would make them skip it).
+            full_mask = torch.zeros_like(mask) if full_mask is None else _as_4d(full_mask, "full_mask")
             full = torch.gather(full_mask.expand_as(mask), -1, idx.long()) & valid
         return cls(num.contiguous(), idx.contiguous(), block_q, block_k, q_len, kv_len, token_mask, full)
 
@@ -230,8 +232,8 @@ class BlockPattern:
                                             token_mask=self.token_mask, full_mask=full)
 
     def _full_map(self) -> Tensor:
-        if self.kv_full is None:
-            return self.to_block_mask()
+        if self.kv_full is None:  # unknown: no tile is known to be fully visible under the token mask
+            return torch.zeros_like(self.to_block_mask())
         full = torch.zeros(*self.kv_indices.shape[:3], self.num_kv_blocks + 1, dtype=torch.bool, device=self.device)
         target = torch.where(self.valid_entries(), self.kv_indices.long(), self.num_kv_blocks)
         full.scatter_(-1, target, self.kv_full)
@@ -372,8 +374,11 @@ class BlockPattern:
         else:
             if not 0.0 < float(mass) <= 1.0:
                 raise ValueError(f"mass must be in (0, 1], got {mass!r}")
-            s = scores.clamp(min=0).masked_fill(~visible, 0.0)
-            vals, order = torch.sort(s, dim=-1, descending=True)
+            # float64 so that the fraction is not rounded to float32 (0.3f * 90 > 27 would keep one block too many)
+            s = scores.double().clamp(min=0).masked_fill(~visible, 0.0)
+            # invisible tiles sort last, so that the one tile always kept is a visible one
+            vals, order = torch.sort(s.masked_fill(~visible, -1.0), dim=-1, descending=True)
+            vals = vals.clamp(min=0)
             before = torch.cumsum(vals, -1) - vals
             keep = before < float(mass) * s.sum(-1, keepdim=True)
             keep[..., 0] = True

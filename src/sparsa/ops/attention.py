@@ -70,7 +70,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
 
 def select_backend(backend: str, q: Tensor, return_lse: bool = False) -> str:
     if backend == "auto":
-        return "flex" if q.is_cuda and flex_available() else "reference"
+        return "flex" if q.is_cuda and flex_available() and q.dtype != torch.float64 else "reference"
     if backend == "flex":
         if not flex_available():
             raise ValueError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")

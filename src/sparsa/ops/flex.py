@@ -65,8 +65,8 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
         num, idx = num.expand(batch, *num.shape[1:]), idx.expand(batch, *idx.shape[1:])
         kv_full = None if kv_full is None else kv_full.expand(batch, *kv_full.shape[1:])
 
-    blocks = idx.long()
     valid = torch.arange(idx.shape[-1], device=device) < num[..., None]
+    blocks = torch.where(valid, idx.long(), 0)  # entries past kv_num_blocks may hold anything
     full = valid & ((blocks + 1) * bk <= lk)
     if causal:
         row_start = torch.arange(num.shape[-1], device=device)[:, None] * bq + offset
@@ -80,6 +80,8 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
         full &= torch.gather(block_ok[:, None, None, :].expand(*blocks.shape[:3], nkb), -1, blocks)
     if kv_full is not None:
         full &= kv_full
+    elif pattern.token_mask is not None:
+        full = torch.zeros_like(full)  # no full map: the token mask must be evaluated on every tile
     if device.type == "cpu" and idx.shape[-1] < pattern.num_kv_blocks:
         # The CPU kernel asserts that the index lists span the whole key length; the GPU kernel does not.
         grow = pattern.num_kv_blocks - idx.shape[-1]

@@ -70,8 +70,8 @@ def _chunk(q, k_flat, v_flat, kv_base, num, idx, pattern, hs, r0, r1, causal, sc
     dev = q.device
     rows = r1 - r0
     width = max(int(num.max()), 1)
-    blocks = idx[..., :width].long()  # [B, h, R, W]
     in_use = torch.arange(width, device=dev) < num[..., None]
+    blocks = torch.where(in_use, idx[..., :width].long(), 0)  # [B, h, R, W]; entries past num may hold anything
     k_pos = (blocks[..., None] * bk + torch.arange(bk, device=dev)).flatten(-2)  # [B, h, R, W*bk]
     ok = in_use[..., None].expand(*in_use.shape, bk).flatten(-2) & (k_pos < lk)
     k_pos = k_pos.clamp(max=lk - 1)
