@@ -254,17 +254,22 @@ def _kernel_inputs(mask, key, value, lq):
     if used > key.shape[2] or used < lq:
         raise ValueError(f"sparsa: cache returned {key.shape[2]} keys but the mask covers {used}")
     key, value = key[:, :, :used], value[:, :, :used]
-    pad = None
-    if mask.padding is not None:
-        pad = mask.padding[:, mask.kv_offset: mask.kv_offset + used].to(key.device)
-        if bool(pad.all()):
-            pad = None
-    return key, value, pad
+    # One padding tensor per mask (i.e. per forward pass), shared by all layers: no per-layer slicing or
+    # device sync, and the kernel's cached BlockMask for a static pattern is reused across layers.
+    cache = mask.__dict__.setdefault("_pads", {})
+    slot = (used, str(key.device))
+    if slot not in cache:
+        pad = None
+        if mask.padding is not None:
+            pad = mask.padding[:, mask.kv_offset: mask.kv_offset + used].to(key.device)
+            pad = None if bool(pad.all()) else pad
+        cache[slot] = pad
+    return key, value, cache[slot]
 
 
 def _sparse(method, module, query, key, value, mask, scaling, state):
     key, value, pad = _kernel_inputs(mask, key, value, query.shape[2])
-    pattern = method.select(query, key, layer_idx=getattr(module, "layer_idx", None))
+    pattern = method.pattern(query, key, layer_idx=getattr(module, "layer_idx", None))
     out = block_sparse_attention(query, key, value, pattern, causal=True, scale=scaling, key_padding_mask=pad,
                                  backend=state.backend, validate=False)
     return out.transpose(1, 2).contiguous(), pattern

@@ -16,6 +16,7 @@ from .base import Selector, check_block, check_int
 @register("prefill", "a_shape")
 @dataclass
 class AShape(Selector):
+    static = True
     n_init: int = 128
     n_local: int = 3968
     block: int = 128

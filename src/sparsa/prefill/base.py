@@ -13,6 +13,7 @@ from ..pattern import BlockPattern
 # is as fast as any pattern and pattern construction is pure overhead. Chosen from `sparsa speed` on an H200
 # (see BENCHMARKS.md).
 DEFAULT_DENSE_BELOW = 4096
+_CACHE_SIZE = 8
 
 
 @dataclass
@@ -24,6 +25,11 @@ class Selector:
     """
 
     name: ClassVar[str] = "selector"
+    #: True when the pattern depends only on shapes (and the layer), not on the values of q and k: then it is
+    #: built once and reused by every layer and forward pass with the same lengths.
+    static: ClassVar[bool] = False
+    #: with ``static``: whether the pattern differs per layer (part of the cache key)
+    per_layer: ClassVar[bool] = False
     dense_below: int = DEFAULT_DENSE_BELOW
 
     def __post_init__(self):
@@ -31,6 +37,18 @@ class Selector:
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
+
+    def pattern(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
+        """``select``, cached for static selectors (a few entries, keyed by shapes, device and layer)."""
+        if not self.static:
+            return self.select(q, k, layer_idx=layer_idx)
+        key = (q.shape[2], k.shape[2], q.shape[1], k.shape[1], str(q.device), layer_idx if self.per_layer else None)
+        cache = self.__dict__.setdefault("_patterns", {})
+        if key not in cache:
+            if len(cache) >= _CACHE_SIZE and not self.per_layer:
+                cache.pop(next(iter(cache)))
+            cache[key] = self.select(q, k, layer_idx=layer_idx)
+        return cache[key]
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         return self.select(q, k, layer_idx=layer_idx)

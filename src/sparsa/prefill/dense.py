@@ -12,6 +12,7 @@ from .base import Selector, check_block
 @register("prefill", "dense")
 @dataclass
 class Dense(Selector):
+    static = True
     block: int = 128
     dense_below: int = 0
 

@@ -18,6 +18,8 @@ from .base import Selector, check_block, check_int
 @register("prefill", "moa")
 @dataclass
 class MoA(Selector):
+    static = True
+    per_layer = True
     alpha: list = field(default_factory=list)
     beta: list = field(default_factory=list)
     sink: int = 64

@@ -20,6 +20,7 @@ from .base import Selector, check_block, check_int
 @register("prefill", "s2")
 @dataclass
 class S2(Selector):
+    static = True
     local_blocks: int = 16
     vert_stride: int = 8
     block: int = 64

@@ -18,6 +18,7 @@ from .base import Selector, check_block, check_int
 @register("prefill", "sliding_window")
 @dataclass
 class SlidingWindow(Selector):
+    static = True
     window: int = 4096
     dilation: int = 1
     block: int = 128

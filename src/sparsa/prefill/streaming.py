@@ -16,6 +16,7 @@ from .base import Selector, check_block, check_int
 @register("prefill", "streaming")
 @dataclass
 class Streaming(Selector):
+    static = True
     sink: int = 4
     window: int = 2000
     block: int = 128
