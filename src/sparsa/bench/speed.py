@@ -238,7 +238,10 @@ def sparsa_call(setup: Setup, q, k, v, pattern: BlockPattern, kernel_options="de
     if setup.backend != "flex":
         return lambda: ops.block_sparse_attention(q, k, v, pattern, backend=setup.backend, validate=False)
     mask = build_mask(setup, pattern)
-    options = flex.kernel_options(pattern, q.device) if kernel_options == "default" else kernel_options
+    # The entry pads to multiples of 128 for the fast kernel; here inputs are used as they are, so the fast
+    # options only apply when the lengths already divide.
+    fast = flex.fast_path(pattern, None, q.device) and q.shape[2] % 128 == 0 and k.shape[2] % 128 == 0
+    options = flex.kernel_options(pattern, q.device, fast) if kernel_options == "default" else kernel_options
     kernel = flex._flex()
     scale = 1.0 / math.sqrt(q.shape[-1])
     gqa = q.shape[1] != k.shape[1]

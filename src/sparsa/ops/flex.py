@@ -138,19 +138,26 @@ def _mask_mod(causal, offset, kv_len, pad, token_mask, device):
     return mask_mod
 
 
-def kernel_options(pattern: BlockPattern, device) -> dict | None:
-    """FlexAttention kernel options. On CUDA the inputs are padded to multiples of 128, so the kernel may skip
-    bounds checks (IS_DIVISIBLE); on Hopper, TMA loads. Measured on the H200 (BENCHMARKS.md, sweep):
-    dense causal 1.19x -> 1.31x SDPA flash at 32K-128K."""
+def fast_path(pattern: BlockPattern, key_padding_mask: Tensor | None, device) -> bool:
+    """Whether to pad to multiples of 128 and run the kernel without bounds checks (IS_DIVISIBLE), with TMA loads
+    on Hopper: dense causal 1.19x -> 1.32x SDPA flash at 32K-128K on the H200 (BENCHMARKS.md).
+
+    Only where it was verified on the GPU: no key padding and no token mask. With a key padding mask the
+    padded, bounds-check-free kernel hit an illegal memory access on the H200 (2026-11-29, not yet
+    diagnosed), so those cases keep the bounds-checked kernel."""
+    return device.type == "cuda" and key_padding_mask is None and pattern.token_mask is None
+
+
+def kernel_options(pattern: BlockPattern, device, fast: bool = False) -> dict | None:
     if device.type != "cuda":
         return None
-    options = {"IS_DIVISIBLE": True}
+    options = {"IS_DIVISIBLE": True} if fast else {}
     if pattern.block_q < 128 or pattern.block_k < 128:
         # The kernel's tiles must divide the pattern's blocks.
         options.update(BLOCK_M=min(pattern.block_q, 64), BLOCK_N=min(pattern.block_k, 64))
-    elif torch.cuda.get_device_capability(device) >= (9, 0):
+    elif fast and torch.cuda.get_device_capability(device) >= (9, 0):
         options["USE_TMA"] = True
-    return options
+    return options or None
 
 
 def cached_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv_heads: int, *, causal: bool,
@@ -173,8 +180,9 @@ def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, pattern: BlockP
     batch, hq, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     seq_lengths = None
+    fast = fast_path(pattern, key_padding_mask, q.device)
     step = math.lcm(_PAD_TO, pattern.block_q, pattern.block_k)
-    if q.is_cuda and (lq % step or lk % step):
+    if fast and (lq % step or lk % step):
         # Pad at the end: real queries keep their indices (the mask's offset is the unpadded kv_len - q_len)
         # and the mask function drops keys at or past kv_len; padded query rows are sliced off. Block counts
         # do not change (the step is a multiple of both block sizes).
@@ -185,7 +193,7 @@ def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, pattern: BlockP
     block_mask = cached_block_mask(pattern, batch, hq, hkv, causal=causal, key_padding_mask=key_padding_mask,
                                    device=q.device, seq_lengths=seq_lengths)
     result = _flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=hq != hkv, return_lse=return_lse,
-                     kernel_options=kernel_options(pattern, q.device))
+                     kernel_options=kernel_options(pattern, q.device, fast))
     if return_lse:
         out, lse = result
         return out[:, :, :lq], lse[:, :, :lq].float()
