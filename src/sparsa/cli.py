@@ -40,11 +40,17 @@ def main(argv=None) -> int:
     p = sub.add_parser("methods", help="list registered prefill and decode methods with their defaults")
     p.add_argument("-v", "--verbose", action="store_true", help="also print each method's one-line summary")
     p.set_defaults(func=_methods)
+    sub.add_parser("bench", help="accuracy retention and speed against dense attention on the same samples "
+                   "(`sparsa bench --help`; `sparsa bench report RESULTS` for tables and plots)", add_help=False)
     sub.add_parser("speed", help="kernel timings against dense SDPA (run `sparsa speed --help`)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "bench":
+        from .bench.runner import main as bench_main
+
+        return bench_main(rest) or 0
     if args.command == "speed":
         from .bench.speed import main as speed_main
 

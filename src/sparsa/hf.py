@@ -118,6 +118,7 @@ class SparsaState:
     dense_below: int | None = None
     backend: str = "auto"
     records: dict = field(default_factory=dict)
+    prefill_records: dict = field(default_factory=dict)  # the last forward pass with more than one query
     fallbacks_warned: set = field(default_factory=set)
 
     def threshold(self) -> int:
@@ -170,10 +171,17 @@ def _check_servable(config):
                              f"({attr}={getattr(text, attr)}), which sparsa's kernels do not implement")
 
 
-def stats(model) -> dict:
-    """What the last forward pass computed: per layer the method, density and any fallback, and overall."""
+def stats(model, prefill: bool = False) -> dict:
+    """What the last forward pass computed: per layer the method, density and any fallback, and overall.
+
+    ``prefill=True``: the last pass with more than one query (the prompt), even if decode steps came after.
+    """
     state = getattr(model, "sparsa_state", None)
-    records = [] if state is None else [state.records[k] for k in sorted(state.records)]
+    table = {} if state is None else (state.prefill_records if prefill else state.records)
+    return _summarize([table[k] for k in sorted(table, key=lambda x: -1 if x is None else x)])
+
+
+def _summarize(records: list) -> dict:
     visible = sum(r["visible_blocks"] for r in records)
     computed = sum(r["visible_blocks"] * r["density"] for r in records)
     return {
@@ -208,11 +216,17 @@ def sparsa_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
         record.update(method=method.name, density=pattern.density(),
                       visible_blocks=_visible_blocks(lq, lk, pattern))
     if state is not _DEFAULT_STATE:
-        # A new forward pass starts when a layer index comes again that is not above the last one seen.
-        if state.records and layer is not None and layer <= max(state.records):
-            state.records.clear()
-        state.records[layer] = record
+        _record(state.records, layer, record)
+        if lq > 1:
+            _record(state.prefill_records, layer, record)
     return out, None
+
+
+def _record(records: dict, layer, record: dict) -> None:
+    # A new forward pass starts when a layer index comes again that is not above the last one seen.
+    if records and layer is not None and layer <= max(records):
+        records.clear()
+    records[layer] = record
 
 
 _DEFAULT_STATE = SparsaState()

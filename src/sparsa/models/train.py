@@ -132,7 +132,8 @@ def completion_text(sample) -> str:
     """The canonical completion of a task sample: its answers, comma-separated, then a period."""
     if sample.get("target"):
         return sample["target"]
-    return " " + ", ".join(str(a) for a in sample["answers"]) + "."
+    sep = "" if sample["prompt"][-1:].isspace() else " "  # vt's prompt ends with "they are: "
+    return sep + ", ".join(str(a) for a in sample["answers"]) + "."
 
 
 def encode_segments(segments, tokenizer, max_len):
