@@ -16,6 +16,7 @@ attention modules.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -212,9 +213,8 @@ def sparsa_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
         if reason is not None and method is not None:
             _warn_fallback(state, reason)
     else:
-        out, pattern = _sparse(method, module, query, key, value, attention_mask, scaling, state)
-        record.update(method=method.name, density=pattern.density(),
-                      visible_blocks=_visible_blocks(lq, lk, pattern))
+        out, density = _sparse(method, module, query, key, value, attention_mask, scaling, state)
+        record.update(method=method.name, density=density)
     if state is not _DEFAULT_STATE:
         _record(state.records, layer, record)
         if lq > 1:
@@ -232,10 +232,11 @@ def _record(records: dict, layer, record: dict) -> None:
 _DEFAULT_STATE = SparsaState()
 
 
-def _visible_blocks(lq, lk, pattern: BlockPattern | None = None) -> int:
-    if pattern is None:
-        pattern = BlockPattern.dense(lq, lk)
-    return pattern._visible_counts(True)[0]
+@functools.lru_cache(maxsize=64)
+def _visible_blocks(lq: int, lk: int, block_q: int = 128, block_k: int = 128) -> int:
+    """Causally visible tiles: the weight of a layer in the overall density."""
+    return BlockPattern.dense(lq, lk, block_q=block_q, block_k=block_k)._visible_counts(True)[0]
+
 
 
 def _fallback_reason(state, module, mask, lq, lk, dropout) -> str | None:
@@ -283,10 +284,9 @@ def _kernel_inputs(mask, key, value, lq):
 
 def _sparse(method, module, query, key, value, mask, scaling, state):
     key, value, pad = _kernel_inputs(mask, key, value, query.shape[2])
-    pattern = method.pattern(query, key, layer_idx=getattr(module, "layer_idx", None))
-    out = block_sparse_attention(query, key, value, pattern, causal=True, scale=scaling, key_padding_mask=pad,
-                                 backend=state.backend, validate=False)
-    return out.transpose(1, 2).contiguous(), pattern
+    out, density = method.attend(query, key, value, scale=scaling, key_padding_mask=pad, backend=state.backend,
+                                 layer_idx=getattr(module, "layer_idx", None))
+    return out.transpose(1, 2).contiguous(), density
 
 
 def _dense(module, query, key, value, mask, scaling, dropout, state, kwargs):

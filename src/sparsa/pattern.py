@@ -189,9 +189,15 @@ class BlockPattern:
 
     # ------------------------------------------------------------------------------------ measurements
     def density(self, causal: bool = True) -> float:
-        """Fraction of the (causally) visible tiles that are computed, averaged over batch and heads."""
-        total, picked = self._visible_counts(causal)
-        return float(picked.sum()) / max(float(total) * picked.numel(), 1.0)
+        """Fraction of the (causally) visible tiles that are computed, averaged over batch and heads.
+
+        Cached on the pattern (it is immutable): a static pattern shared by every layer is measured once.
+        """
+        cache = self.__dict__.setdefault("_density", {})
+        if causal not in cache:
+            total, picked = self._visible_counts(causal)
+            cache[causal] = float(picked.sum()) / max(float(total) * picked.numel(), 1.0)
+        return cache[causal]
 
     def density_per_head(self, causal: bool = True) -> Tensor:
         """``[B, H]`` fraction of the visible tiles computed."""

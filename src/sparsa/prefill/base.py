@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ..pattern import BlockPattern
 
-# Key lengths below which selectors hand over to dense attention by default: at short lengths the dense kernel
-# is as fast as any pattern and pattern construction is pure overhead. Chosen from `sparsa speed` on an H200
-# (see BENCHMARKS.md).
-DEFAULT_DENSE_BELOW = 4096
+# Key length below which selectors hand over to dense attention by default. Measured on the H200 (BENCHMARKS.md,
+# 2026-11-29, selector + kernel against SDPA flash, B=1, 32/8 heads, D=128, bf16): every static selector was
+# slower than SDPA at 8K (0.44-0.71x, fixed per-call overhead) and faster at 16K (1.19-1.31x).
+DEFAULT_DENSE_BELOW = 16384
 _CACHE_SIZE = 8
 
 
@@ -52,6 +52,22 @@ class Selector:
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         return self.select(q, k, layer_idx=layer_idx)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+               key_padding_mask: Tensor | None = None, backend: str = "auto",
+               layer_idx: int | None = None) -> tuple[Tensor, float]:
+        """Causal attention under this method: ``(out [B, Hq, Lq, Dv], density)``.
+
+        Pattern methods need not override it. A method whose computation is not one block pattern (e.g.
+        HyperAttention's sorted buckets merged by log-sum-exp) overrides it and reports the fraction of causal
+        (query, key) tiles it computed as its density.
+        """
+        from ..ops import block_sparse_attention
+
+        pattern = self.pattern(q, k, layer_idx=layer_idx)
+        out = block_sparse_attention(q, k, v, pattern, causal=True, scale=scale, key_padding_mask=key_padding_mask,
+                                     backend=backend, validate=False)
+        return out, pattern.density()
 
 
 def check_int(obj, field: str, minimum: int = 1):
