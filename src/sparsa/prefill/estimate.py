@@ -1,0 +1,111 @@
+"""Shared estimation steps for dynamic selectors (plain PyTorch, batched over batch and heads).
+
+- ``probe_probs``: softmax attention of a few probe queries over all keys (causal for their positions);
+- ``vertical_slash_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of those probs;
+- ``vertical_slash_tiles``: the tiles that selected columns and diagonals touch, as a ``[B, H, Qb, Kb]`` map.
+
+Memory is linear in the key length (probe rows x keys) plus block-level maps.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pattern import causal_block_mask, last_visible_block
+
+
+def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
+    """``[B, Hq, L, D] -> [B, Hkv, G, L, D]`` (a view): the query heads of each KV group side by side."""
+    b, hq, l, d = q.shape
+    return q.view(b, num_kv_heads, hq // num_kv_heads, l, d)
+
+
+def probe_probs(q: Tensor, k: Tensor, q_index: Tensor, scale: float) -> Tensor:
+    """Softmax attention (float32) of the queries at local indices ``q_index`` over all keys, causal.
+
+    ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (GQA not repeated). Returns ``[B, Hq, P, Lk]``.
+    """
+    hkv, lk, lq = k.shape[1], k.shape[2], q.shape[2]
+    probes = group_queries(q[:, :, q_index], hkv).float()  # [B, Hkv, G, P, D]
+    logits = torch.einsum("bhgpd,bhkd->bhgpk", probes, k.float()) * scale
+    q_pos = q_index + (lk - lq)
+    visible = torch.arange(lk, device=k.device)[None, :] <= q_pos[:, None]  # [P, Lk]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, -1).flatten(1, 2)  # [B, Hq, P, Lk]
+
+
+def vertical_slash_scores(probs: Tensor, q_index: Tensor, q_len: int, kv_len: int) -> tuple[Tensor, Tensor]:
+    """Column sums ``[B, H, Lk]`` and diagonal sums ``[B, H, Lk]`` of probe probs.
+
+    Diagonal ``o`` holds the (query, key) pairs with ``key = query_position - o`` (``o = 0``: the main diagonal).
+    """
+    vertical = probs.sum(-2)
+    q_pos = q_index + (kv_len - q_len)
+    offset = (q_pos[:, None] - torch.arange(kv_len, device=probs.device)[None, :]).clamp(min=0)  # [P, Lk]
+    slash = torch.zeros(*probs.shape[:2], kv_len, dtype=probs.dtype, device=probs.device)
+    slash.scatter_add_(-1, offset.flatten().expand(*probs.shape[:2], -1), probs.flatten(-2))
+    return vertical, slash
+
+
+def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
+    """Bool ``[..., N]``: the ``count`` highest entries per row (``count`` broadcastable), plus the first
+    ``forced`` entries always."""
+    n = scores.shape[-1]
+    order = torch.argsort(scores, dim=-1, descending=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    count = torch.as_tensor(count, device=scores.device)
+    while count.dim() < scores.dim():
+        count = count.unsqueeze(-1)
+    keep = rank < count
+    if forced:
+        keep[..., :forced] = True
+    return keep
+
+
+def vertical_slash_tiles(columns: Tensor, diagonals: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
+    """``[B, H, Qb, Kb]`` tiles touched by selected key columns ``[B, H, Lk]`` and diagonals ``[B, H, Lk]``.
+
+    Diagonal ``o`` (``key = query - o``) crosses query block ``r`` in key blocks ``L_r - o // block`` and the
+    one before it (``L_r``: the block of the row's last visible key), so token diagonals become block-diagonals
+    (exact when the query offset is a multiple of the block, a superset otherwise).
+    """
+    kb = -(-kv_len // block)
+    col_blocks = _any_per_block(columns, kv_len, block)
+    hit = torch.zeros(*diagonals.shape[:2], kb, dtype=torch.int32, device=diagonals.device)
+    hit.scatter_add_(-1, (torch.arange(kv_len, device=diagonals.device) // block).expand_as(diagonals),
+                     diagonals.to(torch.int32))
+    band = hit > 0
+    band = band | torch.nn.functional.pad(band, (1, 0))[..., :kb]  # and the block-diagonal after each
+    return block_tiles(col_blocks, band, q_len, kv_len, block)
+
+
+def _any_per_block(x: Tensor, length: int, block: int) -> Tensor:
+    kb = -(-length // block)
+    padded = torch.zeros(*x.shape[:-1], kb * block, dtype=torch.bool, device=x.device)
+    padded[..., :length] = x
+    return padded.view(*x.shape[:-1], kb, block).any(-1)
+
+
+def block_tiles(col_blocks: Tensor, diag_blocks: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
+    """``[B, H, Qb, Kb]`` map from selected key blocks (every row that sees them) and selected block-diagonals
+    (``d``: key block ``L_r - d`` for query block ``r``), both ``[B, H, Kb]`` bool."""
+    device = col_blocks.device
+    kb = col_blocks.shape[-1]
+    visible = causal_block_mask(q_len, kv_len, block, block, device)  # [Qb, Kb]
+    last = last_visible_block(q_len, kv_len, block, block, device)
+    distance = last[:, None] - torch.arange(kb, device=device)[None, :]  # [Qb, Kb]
+    lead = diag_blocks.shape[:2]
+    on_band = torch.gather(diag_blocks[:, :, None, :].expand(*lead, len(last), kb), -1,
+                           distance.clamp(min=0).expand(*lead, -1, -1))
+    return (col_blocks[:, :, None, :] | (on_band & (distance >= 0))) & visible
+
+
+def force_sink_and_diagonal(tiles: Tensor, q_len: int, kv_len: int, block_q: int, block_k: int) -> Tensor:
+    """Always compute key block 0 and each query block's last visible (diagonal) block: no row is empty."""
+    last = last_visible_block(q_len, kv_len, block_q, block_k, tiles.device)
+    diag = torch.arange(tiles.shape[-1], device=tiles.device)[None, :] == last[:, None]
+    tiles = tiles | diag
+    tiles[..., 0] = True
+    return tiles

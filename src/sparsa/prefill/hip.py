@@ -1,0 +1,158 @@
+"""HiP attention: a coarse-to-fine tree search for each query block's top-k key blocks, O(N log N).
+
+Lee et al., "A Training-Free Sub-quadratic Cost Transformer Model Serving Framework With Hierarchically
+Pruned Attention" (ICLR 2025; DeepAuto-AI/hip-attention). HiP assumes *attention locality*: keys next to each
+other get similar scores, so a span of keys can be judged by one representative key. Per query block:
+
+1. the searchable keys are split into ``k`` contiguous nodes;
+2. every node is split in two; each child is scored by its representative key -- the child's centre token,
+   as in the paper -- with the score reduced over the query block's queries by max; the ``k`` best children
+   (over all children of the row) are kept;
+3. step 2 repeats until the nodes are single blocks (``ceil(log2(n / k))`` levels, each costing
+   ``O(k)`` key loads per query block: ``O(N log N)`` in all);
+4. the ``k`` selected blocks, the sink block(s) and the local window blocks form the pattern.
+
+Defaults are HiP's (v1.0 / v1.1 ``hip_attention``): ``mask_k = 512`` keys per query, ``sliding_window = 128``,
+``sink = 4``. Granularity mapping onto sparsa's square blocks (``block``, default 64):
+
+- HiP's mask is built for query blocks of ``b_q = 32`` queries over key groups of ``b_k = 1-2`` tokens; sparsa's
+  kernels compute ``block x block`` tiles, so the tree search here stops at key *blocks*: ``mask_k`` tokens
+  become ``ceil(mask_k / block)`` selected blocks (8 at the defaults). A leaf block is still scored by its
+  centre token, as every node above it.
+- ``block = 64`` (not the kernels' usual 128): the finest block the kernels run efficiently, the closest to
+  HiP's 32-query blocks and 2-token leaves, and it leaves the search 8 leaves at ``mask_k = 512`` (4 at 128).
+- ``sliding_window`` tokens become the diagonal block plus the ``ceil(sliding_window / block)`` blocks before
+  it (a superset of every query's token window); ``sink`` tokens become the first ``ceil(sink / block)`` blocks.
+  Sinks and window are excluded from the search range (HiP excludes the window too), so the ``k`` searched
+  blocks are extra: with ``mask_k`` at least the key length the pattern is dense causal.
+- Query reduction: HiP takes the max over a query block's queries (strided by ``block_stride_q`` in the code);
+  here over ``query_samples`` evenly spaced queries of the block, always including its last query (the one
+  that sees every searched block; pairs that are not causally visible are masked out).
+
+GQA: one pattern per KV head; a group's query heads are reduced by max together with the block's queries
+(they read the same keys, so their union of interest is what one KV head's blocks must serve). The keys are
+gathered once per KV head, never repeated, and a KV block is loaded once per group by the kernels.
+
+Deviations: the search stops at blocks, not HiP's 1-2 token leaves, and the mask is block-granular; HiP's
+random/first-token sampling variants and SparQ low-rank scoring are not implemented (the paper's centre token
+is); no HiP-specific dense layers -- use ``dense_below`` or per-layer configuration. Estimation is plain PyTorch,
+batched over batch, heads and query blocks; its memory is ``O(Lq/block * (samples * Hq + k * Hkv * D))`` per level.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern, last_visible_block
+from ..registry import register
+from .base import Selector, check_block, check_int
+
+
+@register("prefill", "hip")
+@dataclass
+class HiP(Selector):
+    #: keys per query selected by the tree search, in tokens (HiP's ``mask_k``); ``ceil(mask_k / block)`` blocks
+    mask_k: int = 512
+    #: local window in tokens, always computed (with the diagonal block)
+    sliding_window: int = 128
+    #: attention-sink tokens at the start, always computed (key block 0 when ``sink <= block``)
+    sink: int = 4
+    block: int = 64
+    #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
+    query_samples: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "mask_k")
+        check_int(self, "sliding_window", minimum=0)
+        check_int(self, "sink", minimum=0)
+        check_block(self)
+        check_int(self, "query_samples")
+        if self.query_samples > self.block:
+            raise ValueError(f"{self.name}: query_samples must be <= block ({self.block}), got {self.query_samples}")
+
+    @property
+    def topk_blocks(self) -> int:
+        return -(-self.mask_k // self.block)
+
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+        batch, hq, lq, dim = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"{self.name}: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+        if lq > lk:
+            raise ValueError(f"{self.name}: q has more positions ({lq}) than k ({lk})")
+        bs, dev = self.block, q.device
+        group, qb = hq // hkv, -(-lq // bs)
+        topk = self.topk_blocks
+        win = -(-self.sliding_window // bs)
+        n_sink = -(-self.sink // bs)
+
+        last = last_visible_block(lq, lk, bs, bs, dev)  # [Qb] the diagonal block of each query block
+        local_lo = (last - win).clamp(min=0)  # first local-window block
+        lo0 = torch.full_like(last, n_sink)
+        hi0 = torch.maximum(local_lo, lo0)  # search range [n_sink, local_lo), empty if none
+        n = hi0 - lo0
+
+        # Initial nodes: the search range cut into topk contiguous pieces (empty pieces when it is shorter).
+        cuts = lo0[:, None] + (n[:, None] * torch.arange(topk + 1, device=dev)) // topk  # [Qb, topk+1]
+        lo = cuts[:, :-1].expand(batch, hkv, qb, topk)
+        hi = cuts[:, 1:].expand(batch, hkv, qb, topk)
+
+        # Levels: enough halvings to bring the largest initial node (of the last row, the longest range) to 1.
+        n_max = max(0, max((lk - 1) // bs - win, 0) - n_sink)
+        levels = math.ceil(math.log2(-(-n_max // topk))) if n_max > topk else 0
+        if levels:
+            q_rep, q_pos = self._query_samples(q, hkv, lk)
+            k_flat = k.reshape(batch, hkv, lk, dim)
+        for _ in range(levels):
+            mid = (lo + hi) // 2
+            c_lo = torch.stack((lo, mid), -1).flatten(-2)  # [B, Hkv, Qb, 2k]
+            c_hi = torch.stack((mid, hi), -1).flatten(-2)
+            alive = c_hi > c_lo
+            centre = torch.where(alive, (c_lo + c_hi) * bs // 2, 0)  # the child's centre token
+            keys = torch.gather(k_flat, 2, centre.reshape(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
+            keys = keys.view(batch, hkv, qb, 2 * topk, dim).float()
+            s = torch.einsum("bhgrsd,bhrcd->bhrcgs", q_rep, keys)  # [B, Hkv, Qb, 2k, G, S]
+            visible = q_pos[None, None, :, None, None, :] >= centre[..., None, None]
+            s = s.masked_fill(~visible, float("-inf")).amax((-2, -1))
+            s = s.masked_fill(~alive, float("-inf"))
+            best = torch.topk(s, topk, dim=-1).indices
+            lo, hi = torch.gather(c_lo, -1, best), torch.gather(c_hi, -1, best)
+        picked = hi > lo  # single blocks (or empty pieces) by now
+
+        sink_idx = torch.arange(n_sink, device=dev).expand(qb, n_sink)
+        sink_ok = sink_idx < local_lo[:, None]
+        local_idx = local_lo[:, None] + torch.arange(win + 1, device=dev)
+        local_ok = local_idx <= last[:, None]
+        shape = (batch, hkv, qb)
+        idx = torch.cat((sink_idx.expand(*shape, n_sink), lo, local_idx.expand(*shape, win + 1)), -1)
+        ok = torch.cat((sink_ok.expand(*shape, n_sink), picked, local_ok.expand(*shape, win + 1)), -1)
+        return _pattern_from_lists(idx, ok, lq, lk, bs)
+
+    def _query_samples(self, q: Tensor, hkv: int, lk: int) -> tuple[Tensor, Tensor]:
+        """``[B, Hkv, G, Qb, S, D]`` float32 sampled queries and their positions ``[Qb, S]``."""
+        batch, hq, lq, dim = q.shape
+        bs, samples = self.block, self.query_samples
+        qb = -(-lq // bs)
+        s = torch.arange(samples, device=q.device)
+        offs = (bs - 1) - ((samples - 1 - s) * bs) // samples  # evenly spaced, ending at the block's last query
+        rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
+        rep = q.index_select(2, rows.flatten()).float()
+        return rep.view(batch, hkv, hq // hkv, qb, samples, dim), rows + (lk - lq)
+
+
+def _pattern_from_lists(idx: Tensor, ok: Tensor, lq: int, lk: int, block: int) -> BlockPattern:
+    """Pattern from per-row candidate lists whose kept (``ok``) entries are distinct key blocks."""
+    kb = -(-lk // block)
+    key = torch.where(ok, idx, kb).sort(-1).values
+    num = ok.sum(-1, dtype=torch.int32)
+    width = max(int(num.max()), 1)
+    key = key[..., :width]
+    valid = torch.arange(width, device=idx.device) < num[..., None]
+    out = torch.where(valid, key, 0).to(torch.int32)
+    return BlockPattern(num.contiguous(), out.contiguous(), block, block, lq, lk)

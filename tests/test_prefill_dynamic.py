@@ -1,0 +1,123 @@
+"""Dynamic prefill selectors that estimate from q and k: vertical_slash (MInference) and flexprefill."""
+
+import pytest
+import torch
+
+import sparsa
+from dense_reference import dense_attention, token_mask_of
+from sparsa.ops import block_sparse_attention
+from sparsa.prefill.flexprefill import FlexPrefill
+from sparsa.prefill.vertical_slash import VerticalSlash
+
+FULL = {
+    "vertical_slash": dict(vertical_size=10_000, slash_size=10_000, block=32),
+    "flexprefill": dict(gamma=1.0, min_budget=32, block=32),
+}
+SMALL = {
+    "vertical_slash": dict(vertical_size=4, slash_size=8, last_q=16, sink_columns=2, local_diagonals=8, block=32),
+    "flexprefill": dict(gamma=0.3, min_budget=32, block=32),
+}
+CLASSES = {"vertical_slash": VerticalSlash, "flexprefill": FlexPrefill}
+
+
+def _qkv(b, hq, hkv, lq, lk, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, hq, lq, d, generator=g), torch.randn(b, hkv, lk, d, generator=g),
+            torch.randn(b, hkv, lk, d, generator=g))
+
+
+def _dense(q, k, v):
+    mask = torch.arange(k.shape[2])[None, :] <= torch.arange(q.shape[2])[:, None] + (k.shape[2] - q.shape[2])
+    return dense_attention(q, k, v, mask.expand(q.shape[0], q.shape[1], -1, -1))[0]
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("b,hq,hkv,lq,lk", [(2, 4, 4, 333, 333), (1, 8, 2, 200, 517), (2, 8, 1, 450, 450)])
+def test_full_budget_equals_dense(name, b, hq, hkv, lq, lk):
+    q, k, v = _qkv(b, hq, hkv, lq, lk)
+    pattern = CLASSES[name](**FULL[name]).select(q, k).validate()
+    assert pattern.density() == 1.0
+    out = block_sparse_attention(q, k, v, pattern, backend="reference")
+    torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_small_budget_differs_and_is_sparse(name):
+    q, k, v = _qkv(2, 8, 2, 600, 700, seed=1)
+    pattern = CLASSES[name](**SMALL[name]).select(q, k).validate()
+    assert pattern.density() < 0.7
+    out = block_sparse_attention(q, k, v, pattern, backend="reference")
+    assert (out.double() - _dense(q, k, v)).abs().max() > 1e-2
+    # The computed pairs are exactly those the pattern names (the kernel is right for this pattern).
+    mask = token_mask_of(pattern, 2, 8, 2, causal=True)
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, mask)[0], atol=1e-5, rtol=1e-5)
+
+
+def _planted(b=1, hq=4, hkv=2, length=640, d=32, far_block=3, block=32, seed=2):
+    """Every query attends strongly to one far key block; the rest is noise."""
+    q, k, v = _qkv(b, hq, hkv, length, length, d, seed)
+    direction = torch.randn(d)
+    direction = direction / direction.norm()
+    q = 0.3 * q + 6.0 * direction
+    keys = slice(far_block * block, (far_block + 1) * block)
+    k[:, :, keys] = 0.3 * k[:, :, keys] + 6.0 * direction
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_planted_far_block_is_found(name):
+    q, k, v = _planted()
+    pattern = CLASSES[name](**SMALL[name]).select(q, k)
+    blocks = pattern.to_block_mask()  # [B, H, Qb, Kb]
+    assert pattern.density() < 0.5
+    assert bool(blocks[:, :, 4:, 3].all()), "every later query block must read the far block"
+    out = block_sparse_attention(q, k, v, pattern, backend="reference")[:, :, 5 * 32:]
+    ref = _dense(q, k, v)[:, :, 5 * 32:]  # rows that see the planted block, where it holds the mass
+    assert float((out.double() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_flexprefill_probe_blocks_spread_over_the_sequence():
+    sel = FlexPrefill(block=32, probe_blocks=4)
+    idx = sel._probe_index(640, "cpu")
+    starts = sorted(set((idx // 32).tolist()))
+    assert len(idx) == 4 * 32 and starts[-1] == 19 and starts[0] == 0
+    assert FlexPrefill(block=32, probe_blocks=1)._probe_index(640, "cpu").tolist() == list(range(608, 640))
+
+
+def test_flexprefill_short_inputs_are_dense():
+    q, k, _ = _qkv(1, 2, 2, 100, 100)
+    assert FlexPrefill(block=32, min_budget=1024).select(q, k).density() == 1.0
+
+
+def test_flexprefill_query_aware_and_vertical_slash_heads_both_run():
+    q, k, _ = _qkv(1, 4, 2, 500, 500, seed=3)
+    qa = FlexPrefill(gamma=0.5, tau=1.0, min_budget=32, block=32).select(q, k)  # every head query-aware
+    vs = FlexPrefill(gamma=0.5, tau=0.0, min_budget=32, block=32).select(q, k)  # every head vertical-slash
+    assert not torch.equal(qa.to_block_mask(), vs.to_block_mask())
+
+
+@pytest.mark.parametrize("bad", [dict(gamma=0.0), dict(gamma=1.5), dict(tau=-1), dict(min_budget=0),
+                                 dict(block=48), dict(probe_blocks=0)])
+def test_flexprefill_bad_parameters(bad):
+    with pytest.raises(ValueError):
+        FlexPrefill(**bad)
+
+
+@pytest.mark.parametrize("bad", [dict(vertical_size=0), dict(slash_size=-1), dict(last_q=0), dict(block=100)])
+def test_vertical_slash_bad_parameters(bad):
+    with pytest.raises(ValueError):
+        VerticalSlash(**bad)
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_through_hugging_face(name):
+    from test_hf import _inputs, _pair
+
+    ref, ours = _pair("llama", seed=5)
+    sparsa.configure(ours, prefill=name, dense_below=0, **SMALL[name])
+    ids, mask = _inputs(length=300, pad=40)
+    with torch.no_grad():
+        logits = ours(ids, attention_mask=mask).logits
+    assert torch.isfinite(logits[mask.bool()]).all()
+    st = sparsa.stats(ours)
+    assert st["methods"] == [name] and 0 < st["density"] < 1
