@@ -477,3 +477,24 @@ def test_flex_noncausal_neighbourhood():
     assert isinstance(pattern.token_mask, Neighborhood1D)
     q, k, v = make_qkv(1, 2, 1, 80, 80, 32, seed=44)
     _flex_vs_reference(q, k, v, pattern, causal=False)
+
+
+@pytest.mark.slow
+def test_compiled_split_lists_matches_eager():
+    """On CUDA the tile split runs through torch.compile (dynamic shapes); the compiled function must give the
+    same lists as the eager one. Checked here with the CPU compiler, on two shapes (one compile, reused)."""
+    from sparsa.ops import flex
+
+    compiled = torch.compile(flex.split_lists, dynamic=True)
+    for seed, (lq, lk) in enumerate(((300, 517), (640, 640))):
+        g = torch.Generator().manual_seed(seed)
+        qb, kb = -(-lq // 64), -(-lk // 64)
+        scores = torch.rand(2, 2, qb, kb, generator=g)
+        p = BlockPattern.from_block_scores(scores, q_len=lq, kv_len=lk, block_q=64, topk=3)
+        pad = torch.ones(2, lk, dtype=torch.bool)
+        pad[1, :70] = False
+        block_ok = torch.nn.functional.pad(pad, (0, kb * 64 - lk)).view(2, kb, 64).all(-1)
+        head_map = torch.arange(8) // 4
+        args = (p.kv_num_blocks, p.kv_indices, None, block_ok, head_map, True, 64, 64, lk - lq, lk, kb)
+        for want, got in zip(flex.split_lists(*args), compiled(*args)):
+            assert torch.equal(want, got)

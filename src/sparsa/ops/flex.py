@@ -66,39 +66,31 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
     offset = lk - lq
     num, idx = pattern.kv_num_blocks.to(device), pattern.kv_indices.to(device)
     kv_full = None if pattern.kv_full is None else pattern.kv_full.to(device)
-    if pattern.heads != 1 and pattern.heads != num_q_heads:
+    head_map = None
+    if pattern.heads != 1 and pattern.heads != num_q_heads:  # per-KV-head pattern: each query head reads its group's
         head_map = pattern_head_map(pattern, num_q_heads, num_kv_heads, device)
-        num, idx = num[:, head_map], idx[:, head_map]
-        kv_full = None if kv_full is None else kv_full[:, head_map]
     if key_padding_mask is not None and num.shape[0] != batch:
         num, idx = num.expand(batch, *num.shape[1:]), idx.expand(batch, *idx.shape[1:])
         kv_full = None if kv_full is None else kv_full.expand(batch, *kv_full.shape[1:])
 
-    valid = torch.arange(idx.shape[-1], device=device) < num[..., None]
-    blocks = torch.where(valid, idx.long(), 0)  # entries past kv_num_blocks may hold anything
-    full = valid & ((blocks + 1) * bk <= lk)
-    if causal:
-        row_start = torch.arange(num.shape[-1], device=device)[:, None] * bq + offset
-        full &= (blocks + 1) * bk - 1 <= row_start
-    pad = None
+    pad = block_ok = None
     if key_padding_mask is not None:
         nkb = pattern.num_kv_blocks
         pad = torch.zeros(batch, nkb * bk, dtype=torch.bool, device=device)
         pad[:, :lk] = key_padding_mask.to(device)
-        block_ok = pad.view(batch, nkb, bk).all(-1)  # [B, Kb]
-        full &= torch.gather(block_ok[:, None, None, :].expand(*blocks.shape[:3], nkb), -1, blocks)
-    if kv_full is not None:
-        full &= kv_full
-    elif pattern.token_mask is not None:
-        full = torch.zeros_like(full)  # no full map: the token mask must be evaluated on every tile
-    if device.type == "cpu" and idx.shape[-1] < pattern.num_kv_blocks:
-        # The CPU kernel asserts that the index lists span the whole key length; the GPU kernel does not.
-        grow = pattern.num_kv_blocks - idx.shape[-1]
-        idx = torch.nn.functional.pad(idx, (0, grow))
-        valid = torch.nn.functional.pad(valid, (0, grow))
-        full = torch.nn.functional.pad(full, (0, grow))
-    partial_num, partial_idx = _compact(idx, valid & ~full)
-    full_num, full_idx = _compact(idx, full)
+        block_ok = pad.view(batch, nkb, bk).all(-1)  # [B, Kb]: key blocks free of padding
+    if kv_full is None and pattern.token_mask is not None:
+        kv_full = torch.zeros(idx.shape, dtype=torch.bool, device=device)  # evaluate the token mask everywhere
+    if head_map is None and num.shape[1] not in (1, num_q_heads):
+        raise ValueError(f"pattern has {num.shape[1]} heads; expected 1, {num_kv_heads} or {num_q_heads}")
+    # The CPU kernel asserts that the index lists span the whole key length; the GPU kernel does not.
+    width = pattern.num_kv_blocks if device.type == "cpu" else idx.shape[-1]
+    args = (num, idx, kv_full, block_ok, head_map, causal, bq, bk, offset, lk, width)
+    try:
+        partial_num, partial_idx, full_num, full_idx = _split_fn(device)(*args)
+    except Exception as error:  # a compiler failure must not take attention down: run it eagerly
+        _disable_compiled_split(error)
+        partial_num, partial_idx, full_num, full_idx = split_lists(*args)
 
     mask_mod = _mask_mod(causal, offset, lk, pad, pattern.token_mask, device)
     kwargs = dict(BLOCK_SIZE=(bq, bk), mask_mod=mask_mod)
@@ -108,6 +100,60 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
     if "compute_q_blocks" in supported:
         kwargs["compute_q_blocks"] = False  # only needed for the backward pass
     return BlockMask.from_kv_blocks(partial_num, partial_idx, full_num, full_idx, **kwargs)
+
+
+def split_lists(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tensor | None, head_map: Tensor | None,
+                causal: bool, bq: int, bk: int, offset: int, kv_len: int, width: int):
+    """Split each row's selected key blocks into partial tiles (mask function evaluated) and full tiles.
+
+    A tile is full when it lies wholly below the causal diagonal, inside the key length, holds no padded key
+    (``block_ok [B, Kb]``) and the token mask leaves it whole (``kv_full``). Pure tensor code: on CUDA it runs
+    compiled, a few fused kernels instead of ~20 small launches. ``head_map`` expands per-KV-head patterns to
+    the query heads.
+    """
+    if head_map is not None:
+        num, idx = num[:, head_map], idx[:, head_map]
+        kv_full = None if kv_full is None else kv_full[:, head_map]
+    valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    blocks = torch.where(valid, idx.long(), 0)  # entries past kv_num_blocks may hold anything
+    full = valid & ((blocks + 1) * bk <= kv_len)
+    if causal:
+        row_start = torch.arange(num.shape[-1], device=idx.device)[:, None] * bq + offset
+        full = full & ((blocks + 1) * bk - 1 <= row_start)
+    if block_ok is not None:
+        full = full & torch.gather(block_ok[:, None, None, :].expand(*blocks.shape[:3], block_ok.shape[-1]), -1,
+                                   blocks)
+    if kv_full is not None:
+        full = full & kv_full
+    if width > idx.shape[-1]:
+        grow = width - idx.shape[-1]
+        idx = torch.nn.functional.pad(idx, (0, grow))
+        valid = torch.nn.functional.pad(valid, (0, grow))
+        full = torch.nn.functional.pad(full, (0, grow))
+    partial_num, partial_idx = _compact(idx, valid & ~full)
+    full_num, full_idx = _compact(idx, full)
+    return partial_num, partial_idx, full_num, full_idx
+
+
+_split_compiled = None
+
+
+def _disable_compiled_split(error: Exception) -> None:
+    global _split_compiled
+    import warnings
+
+    warnings.warn(f"sparsa: compiled BlockMask construction failed ({type(error).__name__}: {error}); "
+                  "using the eager version", stacklevel=3)
+    _split_compiled = split_lists
+
+
+def _split_fn(device):
+    global _split_compiled
+    if device.type != "cuda":
+        return split_lists
+    if _split_compiled is None:
+        _split_compiled = torch.compile(split_lists, dynamic=True)
+    return _split_compiled
 
 
 def _from_kv_blocks_args():
