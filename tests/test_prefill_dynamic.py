@@ -7,17 +7,21 @@ import sparsa
 from dense_reference import dense_attention, token_mask_of
 from sparsa.ops import block_sparse_attention
 from sparsa.prefill.flexprefill import FlexPrefill
+from sparsa.prefill.sale import SALE
 from sparsa.prefill.vertical_slash import VerticalSlash
 
 FULL = {
     "vertical_slash": dict(vertical_size=10_000, slash_size=10_000, block=32),
     "flexprefill": dict(gamma=1.0, min_budget=32, block=32),
+    "sale": dict(threshold=0.0, block=32),
 }
 SMALL = {
     "vertical_slash": dict(vertical_size=4, slash_size=8, last_q=16, sink_columns=2, local_diagonals=8, block=32),
     "flexprefill": dict(gamma=0.3, min_budget=32, block=32),
+    "sale": dict(threshold=0.9, local_window=32, block=32),
 }
-CLASSES = {"vertical_slash": VerticalSlash, "flexprefill": FlexPrefill}
+CLASSES = {"vertical_slash": VerticalSlash, "flexprefill": FlexPrefill, "sale": SALE}
+NAMES = list(CLASSES)
 
 
 def _qkv(b, hq, hkv, lq, lk, d=32, seed=0):
@@ -31,7 +35,7 @@ def _dense(q, k, v):
     return dense_attention(q, k, v, mask.expand(q.shape[0], q.shape[1], -1, -1))[0]
 
 
-@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("b,hq,hkv,lq,lk", [(2, 4, 4, 333, 333), (1, 8, 2, 200, 517), (2, 8, 1, 450, 450)])
 def test_full_budget_equals_dense(name, b, hq, hkv, lq, lk):
     q, k, v = _qkv(b, hq, hkv, lq, lk)
@@ -41,7 +45,7 @@ def test_full_budget_equals_dense(name, b, hq, hkv, lq, lk):
     torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("name", NAMES)
 def test_small_budget_differs_and_is_sparse(name):
     q, k, v = _qkv(2, 8, 2, 600, 700, seed=1)
     pattern = CLASSES[name](**SMALL[name]).select(q, k).validate()
@@ -64,7 +68,7 @@ def _planted(b=1, hq=4, hkv=2, length=640, d=32, far_block=3, block=32, seed=2):
     return q, k, v
 
 
-@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("name", NAMES)
 def test_planted_far_block_is_found(name):
     q, k, v = _planted()
     pattern = CLASSES[name](**SMALL[name]).select(q, k)
@@ -109,7 +113,7 @@ def test_vertical_slash_bad_parameters(bad):
         VerticalSlash(**bad)
 
 
-@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("name", NAMES)
 def test_through_hugging_face(name):
     from test_hf import _inputs, _pair
 
@@ -121,3 +125,34 @@ def test_through_hugging_face(name):
     assert torch.isfinite(logits[mask.bool()]).all()
     st = sparsa.stats(ours)
     assert st["methods"] == [name] and 0 < st["density"] < 1
+
+
+def test_sale_estimate_tracks_exact_logits():
+    from sparsa.prefill.sale import _quantized_estimates
+
+    q, k, _ = _qkv(1, 4, 2, 300, 300, seed=7)
+    q_hat, row, q_mean, k_hat, kk = _quantized_estimates(q, k, 32, 4)
+    est = (q_hat @ k_hat.transpose(-1, -2)[:, :, None] + row + q_mean @ kk.transpose(-1, -2)[:, :, None]).flatten(1, 2)
+    exact = q @ k.repeat_interleave(2, 1).transpose(-1, -2)
+    assert float((est - exact).norm() / exact.norm()) < 0.25  # int4 with smoothing
+    q8 = _quantized_estimates(q, k, 32, 8)
+    est8 = (q8[0] @ q8[3].transpose(-1, -2)[:, :, None] + q8[1] + q8[2] @ q8[4].transpose(-1, -2)[:, :, None])
+    assert float((est8.flatten(1, 2) - exact).norm() / exact.norm()) < 0.02
+
+
+def test_sale_thresholds_per_head_and_layer():
+    sel = SALE(threshold=[[0.0, 0.5], [0.1, 0.2]])
+    assert sel.thresholds(4, 1, "cpu").tolist() == pytest.approx([0.1, 0.1, 0.2, 0.2])
+    with pytest.raises(ValueError, match="layer 2"):
+        sel.thresholds(4, 2, "cpu")
+    q, k, _ = _qkv(1, 4, 2, 400, 400, seed=8)
+    dense_head = SALE(threshold=[0.0, 0.9], local_window=32, block=32).select(q, k)
+    per_head = dense_head.density_per_head()[0]
+    assert per_head[0] == per_head[1] == 1.0 and per_head[2] < 1.0  # heads 0-1 read KV head 0, threshold 0
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=1.0), dict(threshold=-0.1), dict(threshold=[]), dict(bits=5),
+                                 dict(local_window=-1), dict(block=24)])
+def test_sale_bad_parameters(bad):
+    with pytest.raises(ValueError):
+        SALE(**bad)

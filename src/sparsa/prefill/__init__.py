@@ -6,9 +6,10 @@ from .dense import Dense
 from .flexprefill import FlexPrefill
 from .moa import MoA
 from .s2 import S2
+from .sale import SALE
 from .sliding_window import SlidingWindow
 from .streaming import Streaming
 from .vertical_slash import VerticalSlash
 
 __all__ = ["Selector", "DEFAULT_DENSE_BELOW", "Dense", "Streaming", "AShape", "SlidingWindow", "S2", "MoA", "FlexPrefill",
-           "VerticalSlash"]
+           "VerticalSlash", "SALE"]

@@ -12,31 +12,35 @@ other get similar scores, so a span of keys can be judged by one representative 
    ``O(k)`` key loads per query block: ``O(N log N)`` in all);
 4. the ``k`` selected blocks, the sink block(s) and the local window blocks form the pattern.
 
-Defaults are HiP's (v1.0 / v1.1 ``hip_attention``): ``mask_k = 512`` keys per query, ``sliding_window = 128``,
-``sink = 4``. Granularity mapping onto sparsa's square blocks (``block``, default 64):
+Defaults: ``mask_k = 512`` keys per query and ``sliding_window = 128`` (HiP v1.0), ``sink = 4`` tokens (the
+``sink_token_size`` of the v1.1 ``hip_attention`` entry point). Granularity mapping onto sparsa's square tiles
+(``block``, default 64):
 
-- HiP's mask is built for query blocks of ``b_q = 32`` queries over key groups of ``b_k = 1-2`` tokens; sparsa's
-  kernels compute ``block x block`` tiles, so the tree search here stops at key *blocks*: ``mask_k`` tokens
-  become ``ceil(mask_k / block)`` selected blocks (8 at the defaults). A leaf block is still scored by its
-  centre token, as every node above it.
-- ``block = 64`` (not the kernels' usual 128): the finest block the kernels run efficiently, the closest to
-  HiP's 32-query blocks and 2-token leaves, and it leaves the search 8 leaves at ``mask_k = 512`` (4 at 128).
+- HiP builds its mask for query blocks of ``b_q = 32`` queries over key groups of ``b_k = 1-2`` tokens;
+  sparsa's kernels compute ``block x block`` tiles, so the tree search here stops at key *blocks*: ``mask_k``
+  tokens become ``ceil(mask_k / block)`` selected blocks (8 at the defaults). A leaf block is still scored by its
+  centre token, like every node above it.
+- ``block = 64`` rather than the kernels' usual 128: the finest block the kernels run efficiently, the closest
+  to HiP's 32-query blocks and 1-2 token leaves, and it leaves the search 8 leaves at ``mask_k = 512`` (4 at
+  128, where the last levels of the search would mostly be decided by the window).
 - ``sliding_window`` tokens become the diagonal block plus the ``ceil(sliding_window / block)`` blocks before
-  it (a superset of every query's token window); ``sink`` tokens become the first ``ceil(sink / block)`` blocks.
-  Sinks and window are excluded from the search range (HiP excludes the window too), so the ``k`` searched
-  blocks are extra: with ``mask_k`` at least the key length the pattern is dense causal.
-- Query reduction: HiP takes the max over a query block's queries (strided by ``block_stride_q`` in the code);
-  here over ``query_samples`` evenly spaced queries of the block, always including its last query (the one
-  that sees every searched block; pairs that are not causally visible are masked out).
+  it (a superset of every query's token window); ``sink`` tokens become the first ``ceil(sink / block)``
+  blocks. Sinks and window are excluded from the search range (as HiP excludes the window), so the searched
+  blocks come on top of them; with ``mask_k`` at least the key length the pattern is dense causal.
+- Query reduction: HiP takes the max over a query block's queries, which its code subsamples with a query
+  stride (v1.2's scan stages: 64-query blocks at stride 4, i.e. 16 queries); here the max is over
+  ``query_samples = 16`` evenly spaced queries of the block, always including its last query (the one that
+  sees every searched block; query/key pairs that are not causally visible are masked out of the score).
 
 GQA: one pattern per KV head; a group's query heads are reduced by max together with the block's queries
 (they read the same keys, so their union of interest is what one KV head's blocks must serve). The keys are
-gathered once per KV head, never repeated, and a KV block is loaded once per group by the kernels.
+gathered once per KV head, never repeated, and the pattern is a quarter (at 4 query heads per KV head) of a
+per-query-head one.
 
 Deviations: the search stops at blocks, not HiP's 1-2 token leaves, and the mask is block-granular; HiP's
 random/first-token sampling variants and SparQ low-rank scoring are not implemented (the paper's centre token
-is); no HiP-specific dense layers -- use ``dense_below`` or per-layer configuration. Estimation is plain PyTorch,
-batched over batch, heads and query blocks; its memory is ``O(Lq/block * (samples * Hq + k * Hkv * D))`` per level.
+is); no HiP-specific dense layers (``dense_below`` still applies). Estimation is plain PyTorch, batched over
+batch, heads and query blocks; one level holds ``O(B * Lq/block * k * (Hq * samples + Hkv * D))`` numbers.
 """
 
 from __future__ import annotations
@@ -108,14 +112,13 @@ class HiP(Selector):
         levels = math.ceil(math.log2(-(-n_max // topk))) if n_max > topk else 0
         if levels:
             q_rep, q_pos = self._query_samples(q, hkv, lk)
-            k_flat = k.reshape(batch, hkv, lk, dim)
         for _ in range(levels):
             mid = (lo + hi) // 2
             c_lo = torch.stack((lo, mid), -1).flatten(-2)  # [B, Hkv, Qb, 2k]
             c_hi = torch.stack((mid, hi), -1).flatten(-2)
             alive = c_hi > c_lo
             centre = torch.where(alive, (c_lo + c_hi) * bs // 2, 0)  # the child's centre token
-            keys = torch.gather(k_flat, 2, centre.reshape(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
+            keys = torch.gather(k, 2, centre.reshape(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
             keys = keys.view(batch, hkv, qb, 2 * topk, dim).float()
             s = torch.einsum("bhgrsd,bhrcd->bhrcgs", q_rep, keys)  # [B, Hkv, Qb, 2k, G, S]
             visible = q_pos[None, None, :, None, None, :] >= centre[..., None, None]
@@ -151,7 +154,7 @@ def _pattern_from_lists(idx: Tensor, ok: Tensor, lq: int, lk: int, block: int) -
     kb = -(-lk // block)
     key = torch.where(ok, idx, kb).sort(-1).values
     num = ok.sum(-1, dtype=torch.int32)
-    width = max(int(num.max()), 1)
+    width = min(idx.shape[-1], kb)  # kept entries are distinct blocks: at most kb of them (no device sync)
     key = key[..., :width]
     valid = torch.arange(width, device=idx.device) < num[..., None]
     out = torch.where(valid, key, 0).to(torch.int32)

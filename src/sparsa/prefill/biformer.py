@@ -1,0 +1,202 @@
+"""BiFormer's bi-level routing attention (BRA): route each region to its top-k regions, then attend token by token.
+
+Zhu et al., "BiFormer: Vision Transformer with Bi-Level Routing Attention" (CVPR 2023), rayleizhu/BiFormer.
+A region's descriptor is the mean of its queries (``q_r``) and of its keys (``k_r``); the region-to-region
+routing scores are ``A_r = q_r k_r^T``; each region keeps its ``topk`` highest-scoring regions and its queries
+attend, token by token, to every key of those regions. Here a region is a tile of a :class:`~sparsa.BlockPattern`.
+
+Two forms:
+
+- :class:`BiFormer` (``"biformer"``): a causal 1-D prefill selector for language models. Regions are blocks of
+  ``block`` consecutive tokens (query blocks on the query side, key blocks on the key side); each query block
+  keeps its ``topk`` best causally visible key blocks, plus its diagonal block so that no query is left without
+  a key. Default ``topk=16`` blocks of ``block=64`` tokens (1K keys per query beyond the diagonal): the paper's
+  main stage (stage 3, most of the layers) routes to 16 regions, and 64-token blocks are the smallest tiles the
+  GPU kernel runs at full speed.
+- :func:`biformer_attention_2d`: the paper's non-causal 2-D form on a row-major ``height x width`` token grid,
+  ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
+
+Causality of the 1-D selector: a block descriptor is the mean over the whole block, so the routing of query
+block ``r`` also looks at the later queries of block ``r`` (and the diagonal key block at its later keys). This
+is a block-level routing decision only (the kernel still masks every later key), as in other block-sparse
+prefill selectors; it is not an autoregressive training-time rule.
+
+GQA: one pattern per KV head. The group's query descriptors are averaged before routing, which equals averaging
+the group's routing scores (the score is linear in ``q_r``). It keeps the budget at ``topk`` key blocks per KV
+head (the union of per-query-head top-k sets could reach ``group * topk`` blocks) and every key block the kernel
+loads serves the whole group; it also matches the 2-D routing, which the paper shares across all heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern
+from ..registry import register
+from .base import Selector, check_block, check_int
+
+
+def block_means(x: Tensor, block: int) -> Tensor:
+    """Mean of each run of ``block`` positions along dim 2 (the last one may be shorter): ``[B, H, nb, D]`` float32.
+
+    Sums in float32 without an up-cast copy of ``x`` and without padding it.
+    """
+    batch, heads, length, dim = x.shape
+    full, tail = divmod(length, block)
+    parts = []
+    if full:
+        parts.append(x[:, :, : full * block].reshape(batch, heads, full, block, dim).sum(3, dtype=torch.float32)
+                     / block)
+    if tail:
+        parts.append(x[:, :, full * block:].sum(2, keepdim=True, dtype=torch.float32) / tail)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+
+
+def group_mean(x: Tensor, num_kv_heads: int) -> Tensor:
+    """Average the query heads of each GQA group: ``[B, Hq, ...] -> [B, Hkv, ...]``."""
+    batch, hq = x.shape[:2]
+    if hq % num_kv_heads:
+        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the key/value heads ({num_kv_heads})")
+    return x.view(batch, num_kv_heads, hq // num_kv_heads, *x.shape[2:]).mean(2)
+
+
+@register("prefill", "biformer")
+@dataclass
+class BiFormer(Selector):
+    """Causal 1-D bi-level routing: per query block and KV head, the ``topk`` key blocks with the highest
+    ``mean(q) . mean(k)`` (plus the diagonal block)."""
+
+    topk: int = 16
+    block: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "topk")
+        check_block(self)
+
+    def routing_scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """``[B, Hkv, Qb, Kb]`` float32 routing scores (before causal masking)."""
+        _check_qk(q, k)
+        q_r = group_mean(block_means(q, self.block), k.shape[1])  # [B, Hkv, Qb, D]
+        k_r = block_means(k, self.block)  # [B, Hkv, Kb, D]
+        return torch.einsum("bhqd,bhkd->bhqk", q_r, k_r)
+
+    def select(self, q, k, *, layer_idx=None):
+        scores = self.routing_scores(q, k)
+        return BlockPattern.from_block_scores(scores, q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block,
+                                              block_k=self.block, topk=self.topk, causal=True,
+                                              keep_diagonal=True, keep_first=False)
+
+
+def _check_qk(q, k):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head dim")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"the number of query heads ({q.shape[1]}) must be a multiple of the key/value heads "
+                         f"({k.shape[1]})")
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(f"q has more positions ({q.shape[2]}) than k ({k.shape[2]})")
+
+
+# ------------------------------------------------------------------------------------------------ 2-D form
+def to_region_major(x: Tensor, height: int, width: int, n_win: int) -> Tensor:
+    """Row-major ``[B, H, height*width, D]`` tokens to region-major order (regions row-major, then the pixels
+    of each region row-major), as BiFormer's ``n (j h) (i w) c -> n (j i) (h w) c``."""
+    batch, heads, _, dim = x.shape
+    rh, rw = height // n_win, width // n_win
+    x = x.reshape(batch, heads, n_win, rh, n_win, rw, dim).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(batch, heads, height * width, dim)
+
+
+def from_region_major(x: Tensor, height: int, width: int, n_win: int) -> Tensor:
+    """Inverse of :func:`to_region_major`."""
+    batch, heads, _, dim = x.shape
+    rh, rw = height // n_win, width // n_win
+    x = x.reshape(batch, heads, n_win, n_win, rh, rw, dim).permute(0, 1, 2, 4, 3, 5, 6)
+    return x.reshape(batch, heads, height * width, dim)
+
+
+def routing_pattern_2d(q: Tensor, k: Tensor, height: int, width: int, n_win: int, topk: int, *,
+                       per_head: bool = False) -> BlockPattern:
+    """The region-level routing of BRA as a non-causal pattern over region-major tokens (one tile = one region).
+
+    ``q``/``k`` are row-major ``[B, H, height*width, D]``. Routing is shared by all heads (the paper routes with
+    the full ``qk_dim`` descriptor, i.e. the sum of the per-head scores); ``per_head=True`` routes each KV head
+    on its own (its query group averaged).
+    """
+    _check_2d(q, k, height, width, n_win, topk)
+    region = (height // n_win) * (width // n_win)
+    q_r = block_means(to_region_major(q, height, width, n_win), region)  # [B, Hq, S^2, D]
+    k_r = block_means(to_region_major(k, height, width, n_win), region)  # [B, Hkv, S^2, D]
+    q_r = group_mean(q_r, k.shape[1])
+    scores = torch.einsum("bhqd,bhkd->bhqk", q_r, k_r)  # [B, Hkv, S^2, S^2]
+    if not per_head:
+        scores = scores.sum(1, keepdim=True)
+    n = height * width
+    return BlockPattern.from_block_scores(scores, q_len=n, kv_len=n, block_q=region, block_k=region, topk=topk,
+                                          causal=False, keep_diagonal=False, keep_first=False)
+
+
+def biformer_attention_2d(q: Tensor, k: Tensor, v: Tensor, height: int, width: int, n_win: int, topk: int,
+                          backend: str = "auto", *, scale: float | None = None, per_head: bool = False,
+                          return_pattern: bool = False):
+    """BiFormer's bi-level routing attention on a row-major ``height x width`` grid (non-causal).
+
+    Args:
+        q: ``[B, Hq, height*width, D]``; k, v: ``[B, Hkv, height*width, D]`` (GQA allowed, never repeated).
+        n_win: regions per side; ``height`` and ``width`` must be multiples of it.
+        topk: regions each region attends to, ``1 <= topk <= n_win**2`` (``n_win**2``: full attention).
+        backend: as :func:`sparsa.ops.block_sparse_attention`. ``"auto"`` takes the reference backend when a
+            region holds a number of tokens the compiled kernel cannot tile (not a power of two >= 16 nor a
+            multiple of 128).
+        per_head: route each KV head separately instead of once for all heads (the paper shares the routing).
+        return_pattern: also return the :class:`~sparsa.BlockPattern` (region-major order).
+
+    Returns:
+        ``out [B, Hq, height*width, Dv]`` in row-major order (and the pattern).
+    """
+    from ..ops import block_sparse_attention
+
+    if not isinstance(v, Tensor) or v.dim() != 4:
+        raise ValueError("v must be a 4-D tensor [B, H, L, D]")
+    pattern = routing_pattern_2d(q, k, height, width, n_win, topk, per_head=per_head)
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on [B, Hkv, L]")
+    region = pattern.block_q
+    if backend == "auto" and not _kernel_friendly(region):
+        backend = "reference"
+    qp, kp, vp = (to_region_major(t, height, width, n_win) for t in (q, k, v))
+    out = block_sparse_attention(qp, kp, vp, pattern, causal=False, scale=scale, backend=backend, validate=False)
+    out = from_region_major(out, height, width, n_win)
+    return (out, pattern) if return_pattern else out
+
+
+def _kernel_friendly(block: int) -> bool:
+    return (block >= 16 and block & (block - 1) == 0) or block % 128 == 0
+
+
+def _check_2d(q, k, height, width, n_win, topk):
+    for name, value in (("height", height), ("width", width), ("n_win", n_win), ("topk", topk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"biformer_attention_2d: {name} must be a positive int, got {value!r}")
+    if height % n_win or width % n_win:
+        raise ValueError(f"biformer_attention_2d: height ({height}) and width ({width}) must be multiples of "
+                         f"n_win ({n_win})")
+    if topk > n_win * n_win:
+        raise ValueError(f"biformer_attention_2d: topk ({topk}) must be <= n_win**2 ({n_win * n_win}) regions")
+    _check_qk(q, k)
+    n = height * width
+    if q.shape[2] != n or k.shape[2] != n:
+        raise ValueError(f"biformer_attention_2d: q and k must hold height*width = {n} tokens, got {q.shape[2]} "
+                         f"and {k.shape[2]}")
+
+
+__all__ = ["BiFormer", "biformer_attention_2d", "routing_pattern_2d", "to_region_major", "from_region_major",
+           "block_means"]

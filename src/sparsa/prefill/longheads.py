@@ -1,0 +1,173 @@
+"""LongHeads: every attention head reads its own few chunks of the context, chosen by a chunk key.
+
+Lu et al., "LongHeads: Multi-Head Attention is Secretly a Long Context Processor" (2024; LuLuLuyi/LongHeads).
+The context is cut into chunks of ``window_size`` tokens (256). Each chunk gets one key per head, an
+attention-weighted average of its keys. A query scores the chunks with its head's query and attends to
+``atten_length / window_size`` chunks (16 at the defaults): the first chunk, the previous and the current
+chunk, and the best-scoring others. Queries before ``begin_selective_length`` use full attention. Defaults
+are the paper's: ``window_size = 256``, ``atten_length = 4096``, ``begin_selective_length = 4096``.
+
+Mapping onto sparsa (``block x block`` tiles, ``block`` default 64, ``window_size`` a multiple of it):
+
+- Selection is per *query block* and per *query head*, not per query token: a query block scores each chunk
+  by the max, over ``query_samples`` evenly spaced queries of the block (its last query included), of
+  ``q . chunk_key`` -- a chunk that some query of the block ranks high is kept. ``block = 64`` keeps the
+  block close to the paper's per-token choice while the kernels stay efficient; a selected chunk is its
+  ``window_size / block`` key blocks.
+- "Current chunk": the chunks of the block's first and last query (they differ only when the block straddles
+  a chunk boundary, e.g. in chunked prefill at an unaligned offset); the one before the first query's chunk is
+  "previous". All of them are forced, and the budget of top chunks shrinks by the number forced.
+- ``begin_selective_length``: a query block whose first query lies before it is computed dense (causal).
+
+GQA: one pattern per *query head*. LongHeads' claim is that heads choose different chunks, so that together
+they cover a long context; reducing a group to one pattern would undo that. Chunk keys are computed once per
+KV head (from K only, never repeated) and scored by each query head of the group.
+
+Deviations from the paper, stated plainly:
+
+- **Positions**: the paper concatenates the selected chunks and re-applies RoPE with compact positions
+  ``0 .. L-1`` (the query at ``(n - 1) * w + i mod w``), which is what lets it extend the context beyond the
+  pretraining length. sparsa's kernels receive q and k *after* RoPE, so this implementation keeps the original
+  positions: it is a sparse-attention method within the model's context length, not a context extension.
+- **Chunk key**: the paper's chunk summary query is the mean of the chunk's attention outputs under a
+  chunk-local attention with chunk-local RoPE positions. That needs the chunk's queries (absent for prefix KV
+  in chunked prefill) and a ``w x w`` attention per chunk. Here the summary query is the mean of the chunk's
+  keys (``O(L d)``), and the chunk key is, as in the paper, ``sum_j softmax(summary . k_j / sqrt(d)) k_j``: it
+  leans toward the keys that agree with the chunk's dominant direction and away from outliers.
+- Per query block rather than per query (above); estimation is plain PyTorch, batched over batch, heads and
+  query blocks, with memory ``O(Lk d)`` plus ``[Qb, Lk / window_size]`` score maps per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern, last_visible_block
+from ..registry import register
+from .base import Selector, check_block, check_int
+
+
+@register("prefill", "longheads")
+@dataclass
+class LongHeads(Selector):
+    #: chunk length in tokens (the paper's ``w``); a multiple of ``block``
+    window_size: int = 256
+    #: tokens each query attends to, in whole chunks (a multiple of ``window_size``)
+    atten_length: int = 4096
+    #: queries before this position use full attention
+    begin_selective_length: int = 4096
+    block: int = 64
+    #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
+    query_samples: int = 16
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_block(self)
+        check_int(self, "window_size")
+        if self.window_size % self.block:
+            raise ValueError(f"{self.name}: window_size must be a multiple of block ({self.block}), "
+                             f"got {self.window_size}")
+        check_int(self, "atten_length")
+        if self.atten_length % self.window_size:
+            raise ValueError(f"{self.name}: atten_length must be a multiple of window_size ({self.window_size}), "
+                             f"got {self.atten_length}")
+        check_int(self, "begin_selective_length", minimum=0)
+        check_int(self, "query_samples")
+        if self.query_samples > self.block:
+            raise ValueError(f"{self.name}: query_samples must be <= block ({self.block}), got {self.query_samples}")
+
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+        batch, hq, lq, dim = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"{self.name}: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+        if lq > lk:
+            raise ValueError(f"{self.name}: q has more positions ({lq}) than k ({lk})")
+        bs, w, dev = self.block, self.window_size, q.device
+        per = w // bs
+        qb, off = -(-lq // bs), lk - lq
+        begin = self.begin_selective_length
+        if (qb - 1) * bs + off < begin:  # every query block starts before begin_selective_length: dense
+            return BlockPattern.dense(lq, lk, block_q=bs, device=dev)
+
+        r = torch.arange(qb, device=dev)
+        last = last_visible_block(lq, lk, bs, bs, dev)  # [Qb]
+        first_pos = r * bs + off
+        cur_first = first_pos // w
+        cur_last = ((r + 1) * bs).clamp(max=lq) - 1 + off
+        cur_last = cur_last // w
+        full_row = first_pos < begin  # [Qb]
+
+        # Forced: chunk 0 and the previous..current chunks [max(cur_first - 1, 1), cur_last] (at most 3).
+        loc_lo = (cur_first - 1).clamp(min=1)
+        loc = loc_lo[:, None] + torch.arange(3, device=dev)
+        loc_ok = loc <= cur_last[:, None]
+        total = self.atten_length // w
+        n_top = (total - 1 - loc_ok.sum(-1)).clamp(min=0)  # [Qb]
+
+        # Candidates: the complete chunks [1, cur_first - 1), scored per query head.
+        n_chunks = lk // w
+        ktop = min(total, n_chunks)
+        shape = (batch, hq, qb)
+        chunks = [torch.zeros(qb, 1, dtype=torch.long, device=dev).expand(*shape, 1), loc.expand(*shape, 3)]
+        chunk_ok = [(~full_row)[:, None].expand(*shape, 1), (loc_ok & ~full_row[:, None]).expand(*shape, 3)]
+        if ktop > 0:
+            scores = self._chunk_scores(q, k, n_chunks)  # [B, Hq, Qb, n_chunks]
+            c = torch.arange(n_chunks, device=dev)
+            cand = (c >= 1) & (c < cur_first[:, None] - 1)
+            top = torch.topk(scores.masked_fill(~cand, float("-inf")), ktop, dim=-1)
+            rank = torch.arange(ktop, device=dev)
+            top_ok = (top.values > float("-inf")) & (rank < n_top[:, None]) & ~full_row[:, None]
+            chunks.append(top.indices)
+            chunk_ok.append(top_ok)
+        chunks, chunk_ok = torch.cat(chunks, -1), torch.cat(chunk_ok, -1)  # distinct chunks per row
+        blocks = (chunks[..., None] * per + torch.arange(per, device=dev)).flatten(-2)
+        ok = (chunk_ok[..., None].expand(*chunk_ok.shape, per).flatten(-2)
+              & (blocks <= last[:, None]))
+
+        # Rows before begin_selective_length: every causally visible block.
+        if off < begin:  # some rows are full: the last of them is row (begin - 1 - off) // bs
+            row = min(qb - 1, (begin - 1 - off) // bs)
+            last_full = (min((row + 1) * bs, lq) - 1 + off) // bs
+            dense = torch.arange(last_full + 1, device=dev).expand(*shape, last_full + 1)
+            dense_ok = (dense <= last[:, None]) & full_row[:, None]
+            blocks = torch.cat((blocks, dense), -1)
+            ok = torch.cat((ok, dense_ok.expand_as(dense)), -1)
+        return _pattern_from_lists(blocks, ok, lq, lk, bs)
+
+    def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int) -> Tensor:
+        """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``."""
+        batch, hq, lq, dim = q.shape
+        hkv, lk = k.shape[1], k.shape[2]
+        w, bs, samples = self.window_size, self.block, self.query_samples
+        kc = k[:, :, : n_chunks * w].reshape(batch, hkv, n_chunks, w, dim)
+        summary = kc.mean(3, dtype=torch.float32)  # [B, Hkv, C, D]: the chunk's summary query
+        logits = torch.einsum("bhcwd,bhcd->bhcw", kc, summary.to(kc.dtype)).float() * dim ** -0.5
+        weights = torch.softmax(logits, -1)
+        chunk_key = torch.einsum("bhcw,bhcwd->bhcd", weights.to(kc.dtype), kc).float()  # [B, Hkv, C, D]
+
+        qb = -(-lq // bs)
+        s = torch.arange(samples, device=q.device)
+        offs = (bs - 1) - ((samples - 1 - s) * bs) // samples  # evenly spaced, ending at the block's last query
+        rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
+        rep = q.index_select(2, rows.flatten()).view(batch, hkv, hq // hkv, qb, samples, dim)
+        best = None
+        for i in range(samples):  # running max: one [Qb, C] map per head at a time
+            sc = torch.einsum("bhgrd,bhcd->bhgrc", rep[:, :, :, :, i].float(), chunk_key)
+            best = sc if best is None else torch.maximum(best, sc)
+        return best.reshape(batch, hq, qb, n_chunks)
+
+
+def _pattern_from_lists(idx: Tensor, ok: Tensor, lq: int, lk: int, block: int) -> BlockPattern:
+    """Pattern from per-row candidate lists whose kept (``ok``) entries are distinct key blocks."""
+    kb = -(-lk // block)
+    key = torch.where(ok, idx, kb).sort(-1).values
+    num = ok.sum(-1, dtype=torch.int32)
+    width = min(idx.shape[-1], kb)  # kept entries are distinct blocks: at most kb of them (no device sync)
+    key = key[..., :width]
+    valid = torch.arange(width, device=idx.device) < num[..., None]
+    out = torch.where(valid, key, 0).to(torch.int32)
+    return BlockPattern(num.contiguous(), out.contiguous(), block, block, lq, lk)

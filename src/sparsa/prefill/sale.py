@@ -1,0 +1,165 @@
+"""SALE: tiles kept when a 4-bit estimate of their attention passes a per-head relative threshold.
+
+Zhao et al., "SALE: Low-bit Estimation for Efficient Sparse Attention in Long-context LLM Prefilling" (2025),
+BirdChristopher/SALE. Per head:
+
+1. smoothing: subtract the sequence mean from q and k, quantise both to symmetric int4 (q per token, k per
+   key block); the estimated logit adds the exact rank-1 mean terms back, so it approximates q.k itself;
+2. exact pass over the sink block (key block 0) and the local window: each query's row max ``m_i`` and sum
+   ``l_i`` over those keys;
+3. a tile is computed when, for some query ``i`` and key ``j`` in it, the estimated relative attention
+   ``exp(s~_ij - m_i) / l_i`` reaches the head's threshold ``theta_h`` (``theta_h = 0``: a dense head);
+   sink, local window and diagonal tiles are always computed.
+
+Defaults from the official code: threshold 0.008 before calibration, local window 128 tokens, 64-query blocks
+(the paper's keys come in blocks of 32; sparsa uses square 64-token tiles). ``threshold`` is one value, one
+per head, or one list per layer; ``calibrate`` (sparsa.prefill.sale.calibrate_thresholds) sets them per head
+on the project's tasks.
+
+The estimate here is plain PyTorch over all (query, key) pairs in chunks (linear memory, quadratic work, the
+same order as SALE's int4 pass); the official int4 tensor-core kernel exists for Ada GPUs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..pattern import BlockPattern, causal_block_mask
+from ..registry import register
+from .base import Selector, check_block, check_int
+from .estimate import force_sink_and_diagonal, group_queries
+
+# Elements of the largest estimate chunk (query rows x keys x heads).
+_CHUNK = 1 << 24
+
+
+@register("prefill", "sale")
+@dataclass
+class SALE(Selector):
+    threshold: float | list = 0.008
+    local_window: int = 128
+    block: int = 64
+    bits: int = 4
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int(self, "local_window", minimum=0)
+        check_block(self)
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"sale: bits must be one of (2, 3, 4, 8), got {self.bits!r}")
+        flat = self.threshold if isinstance(self.threshold, (list, tuple)) else [self.threshold]
+        flat = [x for row in flat for x in (row if isinstance(row, (list, tuple)) else [row])]
+        if not flat or any(not isinstance(x, (int, float)) or not 0.0 <= x < 1.0 for x in flat):
+            raise ValueError(f"sale: threshold must be a value in [0, 1), one per head, or one list per layer; "
+                             f"got {self.threshold!r}")
+
+    def thresholds(self, heads: int, layer_idx: int | None, device) -> Tensor:
+        """Per-query-head thresholds ``[Hq]`` for a layer."""
+        t = self.threshold
+        if isinstance(t, (list, tuple)) and t and isinstance(t[0], (list, tuple)):
+            if layer_idx is None or layer_idx >= len(t):
+                raise ValueError(f"sale: thresholds given for {len(t)} layers; none for layer {layer_idx}")
+            t = t[layer_idx]
+        t = torch.as_tensor(t, dtype=torch.float32, device=device).flatten()
+        if t.numel() == 1:
+            return t.expand(heads)
+        if heads % t.numel():
+            raise ValueError(f"sale: {t.numel()} thresholds do not divide {heads} query heads")
+        return t.repeat_interleave(heads // t.numel())  # one per KV head: shared by its group
+
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+        lq, lk, bs = q.shape[2], k.shape[2], self.block
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        theta = self.thresholds(q.shape[1], layer_idx, q.device)
+        est = _quantized_estimates(q.float(), k.float(), bs, self.bits)
+        m, l = _anchor_stats(q.float(), k.float(), scale, bs, self.local_window)  # [B, Hq, Lq]
+        # log(theta * l) + m: the estimated logit a key needs to reach theta of the anchor softmax.
+        need = m + torch.log(l) + torch.log(theta.clamp(min=1e-30))[None, :, None]
+        need = torch.where(theta[None, :, None] > 0, need, torch.full_like(need, float("-inf")))
+        tiles = _passing_tiles(est, need, scale, lq, lk, bs)
+        tiles |= _anchor_tiles(lq, lk, bs, self.local_window, q.device)
+        tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
+        return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
+
+
+def _quantize(x: Tensor, groups: int, bits: int) -> Tensor:
+    """Symmetric fake quantisation over groups of ``groups`` rows along dim -2 (1: per token)."""
+    levels = 2 ** (bits - 1) - 1
+    length = x.shape[-2]
+    pad = -length % groups
+    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(*x.shape[:-2], -1, groups, x.shape[-1])
+    step = xp.abs().amax((-1, -2), keepdim=True).clamp(min=1e-8) / levels
+    return (torch.round(xp / step).clamp(-levels, levels) * step).view(*x.shape[:-2], -1, x.shape[-1])[
+        ..., :length, :]
+
+
+def _quantized_estimates(q: Tensor, k: Tensor, block: int, bits: int):
+    """Pieces of the estimated logit ``s~_ij = Q(q~_i).Q(k~_j) + q~_i.k_mean + q_mean.k_j`` (~= q_i.k_j).
+
+    Smoothing (subtracting the means) shrinks the range that int4 must cover; the mean terms are exact.
+    Query tensors come grouped per KV head, ``[B, Hkv, G, ...]``.
+    """
+    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+    q_mean, k_mean = q.mean(-2, keepdim=True), k.mean(-2, keepdim=True)
+    q_s, k_s = q - q_mean, k - k_mean
+    q_hat = group_queries(_quantize(q_s, 1, bits), hkv)  # [B, Hkv, G, Lq, D]
+    k_hat = _quantize(k_s, block, bits)  # [B, Hkv, Lk, D]
+    row_term = group_queries(q_s, hkv) @ k_mean[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Lq, 1]
+    return q_hat, row_term, group_queries(q_mean, hkv), k_hat, k
+
+
+def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int):
+    """Row max and sum of exp over the sink block and the local window, exact: ``[B, Hq, Lq]`` each."""
+    lq, lk, hkv = q.shape[2], k.shape[2], k.shape[1]
+    q_pos = torch.arange(lq, device=q.device) + (lk - lq)
+    sink = k[:, :, : min(block, lk)]
+    span = max(window, 1)
+    idx = (q_pos[:, None] - torch.arange(span, device=q.device)[None, :])  # [Lq, W] recent keys
+    ok = idx >= 0
+    local = k[:, :, idx.clamp(min=0).flatten()].view(*k.shape[:2], lq, span, -1)  # [B, Hkv, Lq, W, D]
+    qg = group_queries(q, hkv)  # [B, Hkv, G, Lq, D]
+    s_sink = torch.einsum("bhgqd,bhkd->bhgqk", qg, sink) * scale
+    s_sink = s_sink.masked_fill(torch.arange(sink.shape[2], device=q.device)[None, :] > q_pos[:, None], -math.inf)
+    s_local = torch.einsum("bhgqd,bhqwd->bhgqw", qg, local) * scale
+    # Keys in the sink block are already counted; drop them from the window to count each key once.
+    s_local = s_local.masked_fill(~ok | (idx < sink.shape[2]), -math.inf)
+    scores = torch.cat([s_sink, s_local], -1)
+    m = scores.amax(-1)
+    l = torch.exp(scores - m[..., None]).sum(-1)
+    return m.flatten(1, 2), l.flatten(1, 2)
+
+
+def _passing_tiles(est, need: Tensor, scale: float, lq: int, lk: int, block: int) -> Tensor:
+    """``[B, Hq, Qb, Kb]``: tiles where some estimated logit reaches ``need`` (chunked over query rows)."""
+    q_hat, row_term, q_mean, k_hat, k = est
+    b, hkv, g = q_hat.shape[:3]
+    qb, kb = -(-lq // block), -(-lk // block)
+    device = q_hat.device
+    col_term = q_mean @ k.transpose(-1, -2)[:, :, None]  # [B, Hkv, G, 1, Lk]
+    out = torch.zeros(b, hkv * g, qb, kb, dtype=torch.bool, device=device)
+    q_pos = torch.arange(lq, device=device) + (lk - lq)
+    k_pos = torch.arange(lk, device=device)
+    rows = max(1, _CHUNK // max(b * hkv * g * lk * block, 1)) * block
+    need = need.view(b, hkv, g, lq)
+    for r0 in range(0, lq, rows):
+        r1 = min(r0 + rows, lq)
+        est_logits = (q_hat[:, :, :, r0:r1] @ k_hat.transpose(-1, -2)[:, :, None]
+                      + row_term[:, :, :, r0:r1] + col_term) * scale
+        hit = (est_logits >= need[..., r0:r1, None]) & (k_pos[None, :] <= q_pos[r0:r1, None])
+        hit = torch.nn.functional.pad(hit, (0, kb * block - lk, 0, -(r1 - r0) % block))
+        tiles = hit.view(b, hkv, g, -1, block, kb, block).any(-1).any(-2)  # [B, Hkv, G, rows/bs, Kb]
+        out[:, :, r0 // block: r0 // block + tiles.shape[3]] = tiles.flatten(1, 2)
+    return out & causal_block_mask(lq, lk, block, block, device)
+
+
+def _anchor_tiles(lq: int, lk: int, block: int, window: int, device) -> Tensor:
+    """Sink block and the tiles the local window reaches."""
+    last = torch.clamp(torch.arange(-(-lq // block), device=device) * block + block, max=lq) - 1 + (lk - lq)
+    first_q = torch.arange(-(-lq // block), device=device) * block + (lk - lq)
+    lo = (first_q - window + 1).clamp(min=0) // block
+    c = torch.arange(-(-lk // block), device=device)
+    return ((c[None, :] >= lo[:, None]) & (c[None, :] <= (last // block)[:, None])) | (c[None, :] == 0)
