@@ -156,3 +156,23 @@ def test_sale_thresholds_per_head_and_layer():
 def test_sale_bad_parameters(bad):
     with pytest.raises(ValueError):
         SALE(**bad)
+
+
+def test_sale_calibration_on_the_reference_model():
+    """Calibrated thresholds keep each head's error under eps * q_len on the calibration prompt."""
+    from sparsa.bench.runner import load_model, resolve_model
+    from sparsa.prefill.sale import calibrate_thresholds
+    from sparsa.tasks import get
+
+    model, tok = load_model(resolve_model("ref-tiny"), "cpu")
+    sample = get("niah_multikey").generate(1, 768, 123, tok)[0]
+    ids = torch.tensor([tok.encode(sample["prompt"], add_special_tokens=False)])
+    loose = calibrate_thresholds(model, ids, eps=10.0, local_window=64, block=64)
+    tight = calibrate_thresholds(model, ids, eps=0.05, local_window=64, block=64)
+    assert len(loose) == len(tight) == model.config.num_hidden_layers
+    assert all(t == 0.008 for row in loose for t in row)  # a huge tolerance keeps the starting threshold
+    assert all(a >= b for ra, rb in zip(loose, tight) for a, b in zip(ra, rb))
+    assert any(b < 0.008 for row in tight for b in row)
+    sparsa.configure(model, prefill="sale", threshold=tight, local_window=64, block=64, dense_below=0)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()

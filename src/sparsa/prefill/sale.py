@@ -163,3 +163,33 @@ def _anchor_tiles(lq: int, lk: int, block: int, window: int, device) -> Tensor:
     lo = (first_q - window + 1).clamp(min=0) // block
     c = torch.arange(-(-lk // block), device=device)
     return ((c[None, :] >= lo[:, None]) & (c[None, :] <= (last // block)[:, None])) | (c[None, :] == 0)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model, input_ids: Tensor, *, eps: float = 0.4, start: float = 0.008, floor: float = 1e-4,
+                         local_window: int = 128, block: int = 64, bits: int = 4, backend: str = "auto") -> list:
+    """Per-layer, per-query-head thresholds, SALE's calibration: for each head start at ``start`` and halve
+    while the sparse output's summed absolute error against dense reaches ``eps * q_len``; at or below
+    ``floor`` the head becomes dense (0). ``input_ids``: calibration prompts (the project uses its own
+    retrieval tasks, as SALE uses KV-retrieval prompts). Pass the result as ``threshold=``.
+    """
+    from ..heads import capture_qkv
+    from ..ops import block_sparse_attention
+
+    captured = capture_qkv(model, input_ids)
+    thresholds = []
+    for layer in sorted(captured):
+        q, k, v = captured[layer]
+        dense = block_sparse_attention(q, k, v, None, backend=backend).float()
+        theta = torch.full((q.shape[1],), float(start))
+        while True:
+            sel = SALE(threshold=theta.tolist(), local_window=local_window, block=block, bits=bits)
+            out = block_sparse_attention(q, k, v, sel.select(q, k), backend=backend, validate=False).float()
+            err = (out - dense).abs().sum((-1, -2)).mean(0).cpu()  # [Hq], summed over queries and dims
+            bad = (err >= eps * q.shape[2]) & (theta > 0)
+            if not bool(bad.any()):
+                break
+            theta[bad] /= 2
+            theta[theta <= floor] = 0.0
+        thresholds.append([round(float(t), 8) for t in theta])
+    return thresholds
