@@ -4,6 +4,8 @@ from .a_shape import AShape
 from .base import DEFAULT_DENSE_BELOW, Selector
 from .dense import Dense
 from .flexprefill import FlexPrefill
+from .hip import HiP
+from .longheads import LongHeads
 from .moa import MoA
 from .s2 import S2
 from .sale import SALE
@@ -12,4 +14,4 @@ from .streaming import Streaming
 from .vertical_slash import VerticalSlash
 
 __all__ = ["Selector", "DEFAULT_DENSE_BELOW", "Dense", "Streaming", "AShape", "SlidingWindow", "S2", "MoA", "FlexPrefill",
-           "VerticalSlash", "SALE"]
+           "VerticalSlash", "SALE", "HiP", "LongHeads"]
