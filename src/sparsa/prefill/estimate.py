@@ -1,7 +1,7 @@
 """Shared estimation steps for dynamic selectors (plain PyTorch, batched over batch and heads).
 
-- ``probe_probs``: softmax attention of a few probe queries over all keys (causal for their positions);
-- ``vertical_slash_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of those probs;
+- ``probe_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of a few probe queries'
+  causal softmax attention over all keys (``sparsa.ops.vertical_slash``: Triton on CUDA, PyTorch reference);
 - ``vertical_slash_tiles``: the tiles that selected columns and diagonals touch, as a ``[B, H, Qb, Kb]`` map.
 
 Memory is linear in the key length (probe rows x keys) plus block-level maps.
@@ -21,31 +21,12 @@ def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
     return q.view(b, num_kv_heads, hq // num_kv_heads, l, d)
 
 
-def probe_probs(q: Tensor, k: Tensor, q_index: Tensor, scale: float) -> Tensor:
-    """Softmax attention (float32) of the queries at local indices ``q_index`` over all keys, causal.
+def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Vertical and slash scores ``[B, Hq, Lk]`` of the queries at local indices ``q_index``."""
+    from ..ops.vertical_slash import vertical_slash_scores
 
-    ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]`` (GQA not repeated). Returns ``[B, Hq, P, Lk]``.
-    """
-    hkv, lk, lq = k.shape[1], k.shape[2], q.shape[2]
-    probes = group_queries(q[:, :, q_index], hkv).float()  # [B, Hkv, G, P, D]
-    logits = torch.einsum("bhgpd,bhkd->bhgpk", probes, k.float()) * scale
-    q_pos = q_index + (lk - lq)
-    visible = torch.arange(lk, device=k.device)[None, :] <= q_pos[:, None]  # [P, Lk]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    return torch.softmax(logits, -1).flatten(1, 2)  # [B, Hq, P, Lk]
-
-
-def vertical_slash_scores(probs: Tensor, q_index: Tensor, q_len: int, kv_len: int) -> tuple[Tensor, Tensor]:
-    """Column sums ``[B, H, Lk]`` and diagonal sums ``[B, H, Lk]`` of probe probs.
-
-    Diagonal ``o`` holds the (query, key) pairs with ``key = query_position - o`` (``o = 0``: the main diagonal).
-    """
-    vertical = probs.sum(-2)
-    q_pos = q_index + (kv_len - q_len)
-    offset = (q_pos[:, None] - torch.arange(kv_len, device=probs.device)[None, :]).clamp(min=0)  # [P, Lk]
-    slash = torch.zeros(*probs.shape[:2], kv_len, dtype=probs.dtype, device=probs.device)
-    slash.scatter_add_(-1, offset.flatten().expand(*probs.shape[:2], -1), probs.flatten(-2))
-    return vertical, slash
+    q_pos = q_index + (k.shape[2] - q.shape[2])
+    return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale)
 
 
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:

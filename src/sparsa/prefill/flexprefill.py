@@ -33,8 +33,7 @@ from torch import Tensor
 from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import block_tiles, force_sink_and_diagonal, group_queries, probe_probs, top_indices, \
-    vertical_slash_scores
+from .estimate import block_tiles, force_sink_and_diagonal, group_queries, probe_scores, top_indices
 
 
 @register("prefill", "flexprefill")
@@ -65,8 +64,7 @@ class FlexPrefill(Selector):
             return BlockPattern.dense(lq, lk, block_q=bs, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_index = self._probe_index(lq, q.device)
-        probs = probe_probs(q, k, q_index, scale)  # [B, Hq, P, Lk]
-        vertical, slash = vertical_slash_scores(probs, q_index, lq, lk)
+        vertical, slash = probe_scores(q, k, q_index, scale)  # [B, Hq, Lk]
         vertical, slash = vertical / len(q_index), slash / len(q_index)  # each sums to 1 per head
         kb = -(-lk // bs)
         v_blocks, s_blocks = _pool(vertical, lk, bs), _pool(slash, lk, bs)

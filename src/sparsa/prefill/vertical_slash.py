@@ -22,7 +22,7 @@ import torch
 from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import force_sink_and_diagonal, probe_probs, top_indices, vertical_slash_scores, vertical_slash_tiles
+from .estimate import force_sink_and_diagonal, probe_scores, top_indices, vertical_slash_tiles
 
 
 @register("prefill", "vertical_slash")
@@ -46,8 +46,7 @@ class VerticalSlash(Selector):
     def select(self, q, k, *, layer_idx=None):
         lq, lk = q.shape[2], k.shape[2]
         q_index = torch.arange(lq - min(self.last_q, lq), lq, device=q.device)
-        probs = probe_probs(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]))
-        vertical, slash = vertical_slash_scores(probs, q_index, lq, lk)
+        vertical, slash = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]))
         columns = top_indices(vertical, min(self.vertical_size, lk), forced=min(self.sink_columns, lk))
         diagonals = top_indices(slash, min(self.slash_size, lk), forced=min(self.local_diagonals, lk))
         tiles = vertical_slash_tiles(columns, diagonals, lq, lk, self.block)

@@ -1,0 +1,83 @@
+"""Vertical and slash scores of probe queries: the estimation step of MInference and FlexPrefill.
+
+``vertical_slash_scores(q_probe, k, q_pos, scale)`` returns, per (batch, query head), the column sums and the
+diagonal sums of the probes' causal softmax attention over all keys:
+
+- ``vertical[j] = sum_p softmax_p[j]``;
+- ``slash[o] = sum_p softmax_p[q_pos[p] - o]`` (diagonal ``o``: keys ``o`` positions before the query).
+
+Two implementations with the same contract: ``naive`` (plain PyTorch; materialises probes x keys, fine for
+tens of probes) and ``triton`` (two passes over key tiles, nothing probes x keys in memory: pass 1 keeps
+each probe's running max and sum, pass 2 writes column sums per tile and adds diagonal sums atomically).
+The Triton kernel runs on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` for tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+
+def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch. ``q_probe [B, Hq, P, D]``, ``k [B, Hkv, Lk, D]``, ``q_pos [P]`` absolute positions."""
+    b, hq, p, d = q_probe.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    qg = q_probe.float().view(b, hkv, hq // hkv, p, d)
+    logits = torch.einsum("bhgpd,bhkd->bhgpk", qg, k.float()) * scale
+    k_idx = torch.arange(lk, device=k.device)
+    logits = logits.masked_fill(k_idx[None, :] > q_pos[:, None], float("-inf"))
+    probs = torch.softmax(logits, -1).flatten(1, 2)  # [B, Hq, P, Lk]
+    vertical = probs.sum(-2)
+    offset = (q_pos[:, None] - k_idx[None, :]).clamp(min=0)
+    slash = torch.zeros(b, hq, lk, dtype=probs.dtype, device=k.device)
+    slash.scatter_add_(-1, offset.flatten().expand(b, hq, -1), probs.flatten(-2))
+    return vertical, slash
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float,
+                          backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Column and diagonal sums ``([B, Hq, Lk], [B, Hq, Lk])`` float32; ``backend``: auto | triton | naive."""
+    if backend == "auto":
+        backend = "triton" if q_probe.is_cuda and triton_available() else "naive"
+    if backend == "naive":
+        return vertical_slash_scores_naive(q_probe, k, q_pos, scale)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+    return _vertical_slash_triton(q_probe, k, q_pos, scale)
+
+
+def _vertical_slash_triton(q_probe, k, q_pos, scale):
+    import triton
+
+    from ._vertical_slash_kernels import column_pass, stats_pass
+
+    b, hq, p, d = q_probe.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if os.environ.get("TRITON_INTERPRET") == "1" and q_probe.dtype == torch.bfloat16:
+        # Triton's CPU interpreter computes bf16 dot products wrongly (NumPy has no bf16); fp32 there.
+        q_probe, k = q_probe.float(), k.float()
+    q_probe, k = q_probe.contiguous(), k.contiguous()
+    q_pos = q_pos.to(device=k.device, dtype=torch.int32).contiguous()
+    block_p = max(16, triton.next_power_of_2(p))
+    block_d = max(16, triton.next_power_of_2(d))
+    block_n = 64
+    row_max = torch.empty(b * hq, block_p, dtype=torch.float32, device=k.device)
+    row_sum = torch.empty_like(row_max)
+    common = dict(P=p, D=d, LK=lk, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e),
+                  BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_N=block_n)
+    stats_pass[(b * hq,)](q_probe, k, q_pos, row_max, row_sum, **common)
+    vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
+    slash = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
+    column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, row_max, row_sum, vertical, slash, **common)
+    return vertical, slash
