@@ -1,0 +1,163 @@
+"""Dynamic prefill methods on a model's own activations: speed against SDPA, and time to first token.
+
+For issue 4's targets: attention including estimation, as a ratio to SDPA (flash and cuDNN) in the same run,
+at B=1, 32 query / 8 KV heads, D=128, bf16, on q/k/v taken from the reference model rather than noise.
+
+ref-small has 6 query / 2 KV heads of dimension 64 in each of 6 layers, so the 32/8/128 shape is assembled
+from its activations on a long NIAH prompt: KV head j concatenates the features of one (layer, KV head)
+with the same head of the next layer (D = 64 + 64), and its 4 query heads do the same with that group's
+query heads (3 real ones, the 4th repeating the first). A concatenated head's logits are the sum of the two
+layers' logits, so its attention has real (sharpened) structure: sinks, locality, retrieval.
+
+Then the model itself: time to first token of ref-small at 64K and 128K with each method against dense.
+
+Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+import sparsa  # noqa: E402
+from sparsa import registry  # noqa: E402
+from sparsa.bench.runner import load_model, resolve_model  # noqa: E402
+from sparsa.heads import capture_qkv  # noqa: E402
+from sparsa.ops import block_sparse_attention  # noqa: E402
+from sparsa.tasks import get as get_task  # noqa: E402
+
+METHODS = ["dense", "streaming", "a_shape", "vertical_slash", "flexprefill", "sale", "hip", "longheads",
+           "biformer", "hyper"]
+
+
+def median_ms(fn, reps=10, warmup=2):
+    for _ in range(warmup):
+        fn()
+    if not torch.cuda.is_available():  # CPU dry runs: wall clock
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[len(times) // 2]
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def model_activations(model, tokenizer, length: int):
+    """q [1, 32, L, 128], k/v [1, 8, L, 128] assembled from ref-small's layers on a multi-key NIAH prompt."""
+    sample = get_task("niah_multikey").generate(1, length, 7, tokenizer)[0]
+    ids = torch.tensor([tokenizer.encode(sample["prompt"], add_special_tokens=False)], device=model.device)
+    layers = capture_qkv(model, ids)
+    qs, ks, vs = [], [], []
+    order = sorted(layers)
+    for i in range(0, len(order) - 1):
+        (q1, k1, v1), (q2, k2, v2) = layers[order[i]], layers[order[i + 1]]
+        for g in range(k1.shape[1]):
+            group = q1.shape[1] // k1.shape[1]
+            heads = [g * group + j for j in range(group)] + [g * group]
+            qs += [torch.cat([q1[:, h], q2[:, h]], -1) for h in heads[:4]]
+            ks.append(torch.cat([k1[:, g], k2[:, g]], -1))
+            vs.append(torch.cat([v1[:, g], v2[:, g]], -1))
+    q, k, v = torch.stack(qs[:32], 1), torch.stack(ks[:8], 1), torch.stack(vs[:8], 1)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def attention_rows(q, k, v, methods, length):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for backend, name in ((SDPBackend.FLASH_ATTENTION, "sdpa_flash"), (SDPBackend.CUDNN_ATTENTION, "sdpa_cudnn")):
+        def sdpa():
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        try:
+            rows.append(dict(length=length, method=name, ms=median_ms(sdpa), density=1.0))
+        except RuntimeError as e:
+            rows.append(dict(length=length, method=name, error=str(e)[:200]))
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    for name in methods:
+        sel = registry.create("prefill", name, dense_below=0)
+        try:
+            out, density = sel.attend(q, k, v, layer_idx=0)
+            err = float((out.float() - reference.float()).norm() / reference.float().norm())
+            total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0))
+            estimate = median_ms(lambda: sel.select(q, k, layer_idx=0)) if name != "hyper" else None
+            rows.append(dict(length=length, method=name, ms=total, estimate_ms=estimate, density=density,
+                             rel_err=err))
+        except Exception as e:  # a method that fails at one size must not stop the table
+            rows.append(dict(length=length, method=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
+    base = next((r["ms"] for r in rows if r["method"] == "sdpa_flash" and "ms" in r), None)
+    best = min((r["ms"] for r in rows if r["method"].startswith("sdpa") and "ms" in r), default=None)
+    for r in rows:
+        if "ms" in r and base:
+            r["x_sdpa_flash"] = base / r["ms"]
+            r["x_best_sdpa"] = best / r["ms"]
+    return rows
+
+
+@torch.no_grad()
+def ttft_rows(model, tokenizer, methods, length):
+    sample = get_task("niah_single").generate(1, length, 11, tokenizer)[0]
+    ids = torch.tensor([tokenizer.encode(sample["prompt"], add_special_tokens=False)], device=model.device)
+    rows = []
+    for name in ["none"] + methods:
+        if name == "none":
+            sparsa.configure(model)
+        else:
+            sparsa.configure(model, prefill=name, dense_below=0)
+        try:
+            ms = median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), reps=3, warmup=1)
+            rows.append(dict(length=length, ttft_method="sdpa" if name == "none" else name, ttft_ms=ms,
+                             density=sparsa.stats(model, prefill=True)["density"]))
+        except Exception as e:
+            rows.append(dict(length=length, ttft_method=name, error=f"{type(e).__name__}: {str(e)[:200]}"))
+    sparsa.configure(model)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="ref-small")
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536,131072")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--ttft", default="65536,131072")
+    ap.add_argument("--jsonl", default=os.path.join(os.environ.get("OUT", "."), "prefill_speed.jsonl"))
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model(resolve_model(args.model), device)
+    methods = [m for m in args.methods.split(",") if m]
+    info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
+    out = open(args.jsonl, "a")
+    for length in [int(x) for x in args.lengths.split(",") if x]:
+        q, k, v = model_activations(model, tokenizer, length)
+        for row in attention_rows(q, k, v, methods, q.shape[2]):
+            out.write(json.dumps({**info, **row}) + "\n")
+            out.flush()
+            print(row, flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    for length in [int(x) for x in args.ttft.split(",") if x]:
+        for row in ttft_rows(model, tokenizer, methods, length):
+            out.write(json.dumps({**info, **row}) + "\n")
+            out.flush()
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
