@@ -127,17 +127,21 @@ def test_through_hugging_face(name):
     assert st["methods"] == [name] and 0 < st["density"] < 1
 
 
-def test_sale_estimate_tracks_exact_logits():
-    from sparsa.prefill.sale import _quantized_estimates
+def _estimated_logits(q, k, bits):
+    from sparsa.prefill.sale import _estimate_inputs
 
+    q_int, q_scale, k_int, k_scale, row, col = _estimate_inputs(q, k, 32, bits)
+    group = q.shape[1] // k.shape[1]
+    k_hat = (k_int.float() * k_scale.repeat_interleave(32, -1)[..., : k.shape[2], None]).repeat_interleave(group, 1)
+    q_hat = q_int.float() * q_scale[..., None]
+    return q_hat @ k_hat.transpose(-1, -2) + row[..., None] + col[:, :, None, :]
+
+
+def test_sale_estimate_tracks_exact_logits():
     q, k, _ = _qkv(1, 4, 2, 300, 300, seed=7)
-    q_hat, row, q_mean, k_hat, kk = _quantized_estimates(q, k, 32, 4)
-    est = (q_hat @ k_hat.transpose(-1, -2)[:, :, None] + row + q_mean @ kk.transpose(-1, -2)[:, :, None]).flatten(1, 2)
     exact = q @ k.repeat_interleave(2, 1).transpose(-1, -2)
-    assert float((est - exact).norm() / exact.norm()) < 0.25  # int4 with smoothing
-    q8 = _quantized_estimates(q, k, 32, 8)
-    est8 = (q8[0] @ q8[3].transpose(-1, -2)[:, :, None] + q8[1] + q8[2] @ q8[4].transpose(-1, -2)[:, :, None])
-    assert float((est8.flatten(1, 2) - exact).norm() / exact.norm()) < 0.02
+    assert float((_estimated_logits(q, k, 4) - exact).norm() / exact.norm()) < 0.25  # int4 with smoothing
+    assert float((_estimated_logits(q, k, 8) - exact).norm() / exact.norm()) < 0.02
 
 
 def test_sale_thresholds_per_head_and_layer():

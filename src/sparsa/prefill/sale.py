@@ -16,8 +16,9 @@ Defaults from the official code: threshold 0.008 before calibration, local windo
 per head, or one list per layer; ``calibrate`` (sparsa.prefill.sale.calibrate_thresholds) sets them per head
 on the project's tasks.
 
-The estimate here is plain PyTorch over all (query, key) pairs in chunks (linear memory, quadratic work, the
-same order as SALE's int4 pass); the official int4 tensor-core kernel exists for Ada GPUs only.
+The estimation pass (``sparsa.ops.sale_estimate``) runs as a Triton kernel with int8 tensor-core products on
+CUDA (int4 values held in int8: Hopper has no int4 tensor cores) beside a plain-PyTorch reference; the official
+int4 kernel exists for Ada GPUs only. Its work is quadratic, as in the paper (about 11% of dense attention).
 """
 
 from __future__ import annotations
@@ -31,11 +32,8 @@ from torch import Tensor
 from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
+from ..ops.sale_estimate import passing_tiles
 from .estimate import force_sink_and_diagonal, group_queries
-
-# Elements of the largest estimate chunk (query rows x keys x heads).
-_CHUNK = 1 << 24
-
 
 @register("prefill", "sale")
 @dataclass
@@ -75,41 +73,44 @@ class SALE(Selector):
         lq, lk, bs = q.shape[2], k.shape[2], self.block
         scale = 1.0 / math.sqrt(q.shape[-1])
         theta = self.thresholds(q.shape[1], layer_idx, q.device)
-        est = _quantized_estimates(q.float(), k.float(), bs, self.bits)
+        est = _estimate_inputs(q.float(), k.float(), bs, self.bits)
         m, l = _anchor_stats(q.float(), k.float(), scale, bs, self.local_window)  # [B, Hq, Lq]
         # log(theta * l) + m: the estimated logit a key needs to reach theta of the anchor softmax.
         need = m + torch.log(l) + torch.log(theta.clamp(min=1e-30))[None, :, None]
         need = torch.where(theta[None, :, None] > 0, need, torch.full_like(need, float("-inf")))
-        tiles = _passing_tiles(est, need, scale, lq, lk, bs)
+        tiles = passing_tiles(*est, need, scale, bs) & causal_block_mask(lq, lk, bs, bs, q.device)
         tiles |= _anchor_tiles(lq, lk, bs, self.local_window, q.device)
         tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
         return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
 
 
-def _quantize(x: Tensor, groups: int, bits: int) -> Tensor:
-    """Symmetric fake quantisation over groups of ``groups`` rows along dim -2 (1: per token)."""
+def quantize(x: Tensor, groups: int, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric integer quantisation over groups of ``groups`` rows along dim -2 (1: per token).
+
+    Returns int8 values ``[..., L, D]`` and one float scale per group ``[..., ceil(L / groups)]``.
+    """
     levels = 2 ** (bits - 1) - 1
     length = x.shape[-2]
-    pad = -length % groups
-    xp = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(*x.shape[:-2], -1, groups, x.shape[-1])
-    step = xp.abs().amax((-1, -2), keepdim=True).clamp(min=1e-8) / levels
-    return (torch.round(xp / step).clamp(-levels, levels) * step).view(*x.shape[:-2], -1, x.shape[-1])[
-        ..., :length, :]
+    xp = torch.nn.functional.pad(x, (0, 0, 0, -length % groups)).view(*x.shape[:-2], -1, groups, x.shape[-1])
+    step = xp.abs().amax((-1, -2)).clamp(min=1e-8) / levels
+    ints = torch.round(xp / step[..., None, None]).clamp(-levels, levels).to(torch.int8)
+    return ints.view(*x.shape[:-2], -1, x.shape[-1])[..., :length, :], step
 
 
-def _quantized_estimates(q: Tensor, k: Tensor, block: int, bits: int):
-    """Pieces of the estimated logit ``s~_ij = Q(q~_i).Q(k~_j) + q~_i.k_mean + q_mean.k_j`` (~= q_i.k_j).
+def _estimate_inputs(q: Tensor, k: Tensor, block: int, bits: int):
+    """Inputs of the estimated logit ``s~_ij = Q(q~_i).Q(k~_j) + q~_i.k_mean + q_mean.k_j`` (~= q_i.k_j).
 
-    Smoothing (subtracting the means) shrinks the range that int4 must cover; the mean terms are exact.
-    Query tensors come grouped per KV head, ``[B, Hkv, G, ...]``.
+    Smoothing (subtracting the means) shrinks the range the integers must cover; the mean terms are exact.
     """
-    hkv, group = k.shape[1], q.shape[1] // k.shape[1]
+    hkv = k.shape[1]
+    group = q.shape[1] // hkv
     q_mean, k_mean = q.mean(-2, keepdim=True), k.mean(-2, keepdim=True)
     q_s, k_s = q - q_mean, k - k_mean
-    q_hat = group_queries(_quantize(q_s, 1, bits), hkv)  # [B, Hkv, G, Lq, D]
-    k_hat = _quantize(k_s, block, bits)  # [B, Hkv, Lk, D]
-    row_term = group_queries(q_s, hkv) @ k_mean[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Lq, 1]
-    return q_hat, row_term, group_queries(q_mean, hkv), k_hat, k
+    q_int, q_scale = quantize(q_s, 1, bits)  # scale [B, Hq, Lq]
+    k_int, k_scale = quantize(k_s, block, bits)  # scale [B, Hkv, Kb]
+    row_term = (q_s * k_mean.repeat_interleave(group, 1)).sum(-1)  # [B, Hq, Lq]
+    col_term = (group_queries(q_mean, hkv) @ k.transpose(-1, -2)[:, :, None]).flatten(1, 3)  # [B, Hq, Lk]
+    return q_int, q_scale, k_int, k_scale, row_term, col_term
 
 
 def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int):
@@ -131,29 +132,6 @@ def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int):
     m = scores.amax(-1)
     l = torch.exp(scores - m[..., None]).sum(-1)
     return m.flatten(1, 2), l.flatten(1, 2)
-
-
-def _passing_tiles(est, need: Tensor, scale: float, lq: int, lk: int, block: int) -> Tensor:
-    """``[B, Hq, Qb, Kb]``: tiles where some estimated logit reaches ``need`` (chunked over query rows)."""
-    q_hat, row_term, q_mean, k_hat, k = est
-    b, hkv, g = q_hat.shape[:3]
-    qb, kb = -(-lq // block), -(-lk // block)
-    device = q_hat.device
-    col_term = q_mean @ k.transpose(-1, -2)[:, :, None]  # [B, Hkv, G, 1, Lk]
-    out = torch.zeros(b, hkv * g, qb, kb, dtype=torch.bool, device=device)
-    q_pos = torch.arange(lq, device=device) + (lk - lq)
-    k_pos = torch.arange(lk, device=device)
-    rows = max(1, _CHUNK // max(b * hkv * g * lk * block, 1)) * block
-    need = need.view(b, hkv, g, lq)
-    for r0 in range(0, lq, rows):
-        r1 = min(r0 + rows, lq)
-        est_logits = (q_hat[:, :, :, r0:r1] @ k_hat.transpose(-1, -2)[:, :, None]
-                      + row_term[:, :, :, r0:r1] + col_term) * scale
-        hit = (est_logits >= need[..., r0:r1, None]) & (k_pos[None, :] <= q_pos[r0:r1, None])
-        hit = torch.nn.functional.pad(hit, (0, kb * block - lk, 0, -(r1 - r0) % block))
-        tiles = hit.view(b, hkv, g, -1, block, kb, block).any(-1).any(-2)  # [B, Hkv, G, rows/bs, Kb]
-        out[:, :, r0 // block: r0 // block + tiles.shape[3]] = tiles.flatten(1, 2)
-    return out & causal_block_mask(lq, lk, block, block, device)
 
 
 def _anchor_tiles(lq: int, lk: int, block: int, window: int, device) -> Tensor:
