@@ -67,3 +67,19 @@ def test_selectors_give_the_same_pattern_with_the_triton_estimate(monkeypatch):
     got = [s.select(q, k).to_block_mask() for s in selectors]
     for a, b in zip(want, got):
         assert torch.equal(a, b)
+
+
+def test_padded_keys_get_no_probability():
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 16, 32, generator=g)
+    k = torch.randn(2, 2, 150, 32, generator=g)
+    pad = torch.ones(2, 150, dtype=torch.bool)
+    pad[1, :90] = False  # left padding in the second sequence
+    q_pos = torch.cat([torch.arange(40, 48), torch.arange(142, 150)])  # some probes sit inside the padding
+    want = vertical_slash_scores_naive(q, k, q_pos, 0.2, key_padding_mask=pad)
+    got = vertical_slash_scores(q, k, q_pos, 0.2, backend="triton", key_padding_mask=pad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert float(want[0][1, :, :90].abs().sum()) == 0.0
+    # Probes that see only padding contribute nothing; the others still sum to one each.
+    torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0), atol=1e-4, rtol=0)

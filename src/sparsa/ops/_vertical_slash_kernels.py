@@ -17,9 +17,10 @@ def _load_probes(q_ptr, pos_ptr, bh, P: tl.constexpr, D: tl.constexpr, BLOCK_P: 
 
 
 @triton.jit
-def _logits(q, k_ptr, bh, start, pos, LK: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr,
-            SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scaled logits (log2 units) of the probes against one key tile, -inf where not causally visible."""
+def _logits(q, k_ptr, bias_ptr, bh, start, pos, LK: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
+            GROUP: tl.constexpr, SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scaled logits (log2 units) of the probes against one key tile, -inf where not causally visible or
+    padded (``bias`` is 0 or -inf per key)."""
     b = bh // HQ
     kv_head = (bh % HQ) // GROUP
     n = start + tl.arange(0, BLOCK_N)
@@ -27,12 +28,13 @@ def _logits(q, k_ptr, bh, start, pos, LK: tl.constexpr, D: tl.constexpr, HQ: tl.
     base = k_ptr + (b * (HQ // GROUP) + kv_head) * LK * D
     kt = tl.load(base + n[:, None] * D + d[None, :], mask=(n < LK)[:, None] & (d < D)[None, :], other=0.0)
     s = tl.dot(q, tl.trans(kt)).to(tl.float32) * SCALE
-    visible = (n[None, :] <= pos[:, None]) & (n[None, :] < LK)
+    bias = tl.load(bias_ptr + b * LK + n, mask=n < LK, other=float("-inf"))
+    visible = (n[None, :] <= pos[:, None]) & (n[None, :] < LK) & (bias[None, :] == 0)
     return tl.where(visible, s, float("-inf")), n, visible
 
 
 @triton.jit
-def stats_pass(q_ptr, k_ptr, pos_ptr, max_ptr, sum_ptr, P: tl.constexpr, D: tl.constexpr, LK: tl.constexpr,
+def stats_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, P: tl.constexpr, D: tl.constexpr, LK: tl.constexpr,
                HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 1: each probe's softmax max and normaliser over all visible keys (online, one tile at a time)."""
@@ -41,10 +43,11 @@ def stats_pass(q_ptr, k_ptr, pos_ptr, max_ptr, sum_ptr, P: tl.constexpr, D: tl.c
     row_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_P], tl.float32)
     for start in range(0, LK, BLOCK_N):
-        s, n, visible = _logits(q, k_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
+        s, n, visible = _logits(q, k_ptr, bias_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
         new_max = tl.maximum(row_max, tl.max(s, 1))
-        # The first tile holds key 0, visible to every probe, so new_max is finite from the first step.
-        row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s - new_max[:, None]), 1)
+        # Until a probe has seen a real key its max is -inf: keep the arithmetic finite (0 * exp2(0)).
+        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
         row_max = new_max
     p = tl.arange(0, BLOCK_P)
     tl.store(max_ptr + bh * BLOCK_P + p, row_max)
@@ -52,7 +55,7 @@ def stats_pass(q_ptr, k_ptr, pos_ptr, max_ptr, sum_ptr, P: tl.constexpr, D: tl.c
 
 
 @triton.jit
-def column_pass(q_ptr, k_ptr, pos_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P: tl.constexpr, D: tl.constexpr,
+def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P: tl.constexpr, D: tl.constexpr,
                 LK: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Pass 2: normalised probabilities of one key tile; column sums stored, diagonal sums added atomically."""
@@ -62,8 +65,8 @@ def column_pass(q_ptr, k_ptr, pos_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P:
     p = tl.arange(0, BLOCK_P)
     row_max = tl.load(max_ptr + bh * BLOCK_P + p)
     row_sum = tl.load(sum_ptr + bh * BLOCK_P + p)
-    s, n, visible = _logits(q, k_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
-    keep = visible & (p < P)[:, None]
+    s, n, visible = _logits(q, k_ptr, bias_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
+    keep = visible & (p < P)[:, None] & (row_sum > 0)[:, None]
     prob = tl.where(keep, tl.exp2(s - row_max[:, None]) / row_sum[:, None], 0.0)
     tl.store(vert_ptr + bh * LK + n, tl.sum(prob, 0), mask=n < LK)
     offset = pos[:, None] - n[None, :]

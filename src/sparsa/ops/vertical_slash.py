@@ -21,15 +21,20 @@ import torch
 from torch import Tensor
 
 
-def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """Plain PyTorch. ``q_probe [B, Hq, P, D]``, ``k [B, Hkv, Lk, D]``, ``q_pos [P]`` absolute positions."""
+def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float,
+                                key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Plain PyTorch. ``q_probe [B, Hq, P, D]``, ``k [B, Hkv, Lk, D]``, ``q_pos [P]`` absolute positions,
+    ``key_padding_mask [B, Lk]`` (True = real key)."""
     b, hq, p, d = q_probe.shape
     hkv, lk = k.shape[1], k.shape[2]
     qg = q_probe.float().view(b, hkv, hq // hkv, p, d)
     logits = torch.einsum("bhgpd,bhkd->bhgpk", qg, k.float()) * scale
     k_idx = torch.arange(lk, device=k.device)
-    logits = logits.masked_fill(k_idx[None, :] > q_pos[:, None], float("-inf"))
-    probs = torch.softmax(logits, -1).flatten(1, 2)  # [B, Hq, P, Lk]
+    hidden = k_idx[None, :] > q_pos[:, None]
+    if key_padding_mask is not None:
+        hidden = hidden | ~key_padding_mask[:, None, None, None, :]
+    logits = logits.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(logits, -1).nan_to_num(0.0).flatten(1, 2)  # [B, Hq, P, Lk]; padding-only rows: 0
     vertical = probs.sum(-2)
     offset = (q_pos[:, None] - k_idx[None, :]).clamp(min=0)
     slash = torch.zeros(b, hq, lk, dtype=probs.dtype, device=k.device)
@@ -45,19 +50,20 @@ def triton_available() -> bool:
     return True
 
 
-def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float,
-                          backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Column and diagonal sums ``([B, Hq, Lk], [B, Hq, Lk])`` float32; ``backend``: auto | triton | naive."""
+def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float, backend: str = "auto",
+                          key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Column and diagonal sums ``([B, Hq, Lk], [B, Hq, Lk])`` float32; ``backend``: auto | triton | naive.
+    Padded keys (``key_padding_mask`` False) get no probability."""
     if backend == "auto":
         backend = "triton" if q_probe.is_cuda and triton_available() else "naive"
     if backend == "naive":
-        return vertical_slash_scores_naive(q_probe, k, q_pos, scale)
+        return vertical_slash_scores_naive(q_probe, k, q_pos, scale, key_padding_mask)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-    return _vertical_slash_triton(q_probe, k, q_pos, scale)
+    return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask)
 
 
-def _vertical_slash_triton(q_probe, k, q_pos, scale):
+def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None):
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
@@ -74,10 +80,15 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale):
     block_n = 64
     row_max = torch.empty(b * hq, block_p, dtype=torch.float32, device=k.device)
     row_sum = torch.empty_like(row_max)
+    # Key padding as a per-key additive bias (0 or -inf), read with each key tile.
+    bias = torch.zeros(b, lk, dtype=torch.float32, device=k.device)
+    if key_padding_mask is not None:
+        bias.masked_fill_(~key_padding_mask.to(k.device), float("-inf"))
     common = dict(P=p, D=d, LK=lk, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e),
                   BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_N=block_n)
-    stats_pass[(b * hq,)](q_probe, k, q_pos, row_max, row_sum, **common)
+    stats_pass[(b * hq,)](q_probe, k, q_pos, bias, row_max, row_sum, **common)
     vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
     slash = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
-    column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, row_max, row_sum, vertical, slash, **common)
+    column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash,
+                                                     **common)
     return vertical, slash

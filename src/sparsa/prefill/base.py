@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -38,9 +40,16 @@ class Selector:
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
 
-    def pattern(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
-        """``select``, cached for static selectors (a few entries, keyed by shapes, device and layer)."""
+    def pattern(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None,
+                key_padding_mask: Tensor | None = None) -> BlockPattern:
+        """``select``, cached for static selectors (a few entries, keyed by shapes, device and layer).
+
+        ``key_padding_mask [B, Lk]`` (True = real key) goes to selectors whose ``select`` takes it, so their
+        estimates ignore padding; the kernel masks padded keys in any case.
+        """
         if not self.static:
+            if key_padding_mask is not None and _takes_padding(type(self)):
+                return self.select(q, k, layer_idx=layer_idx, key_padding_mask=key_padding_mask)
             return self.select(q, k, layer_idx=layer_idx)
         key = (q.shape[2], k.shape[2], q.shape[1], k.shape[1], str(q.device), layer_idx if self.per_layer else None)
         cache = self.__dict__.setdefault("_patterns", {})
@@ -64,10 +73,15 @@ class Selector:
         """
         from ..ops import block_sparse_attention
 
-        pattern = self.pattern(q, k, layer_idx=layer_idx)
+        pattern = self.pattern(q, k, layer_idx=layer_idx, key_padding_mask=key_padding_mask)
         out = block_sparse_attention(q, k, v, pattern, causal=True, scale=scale, key_padding_mask=key_padding_mask,
                                      backend=backend, validate=False)
         return out, pattern.density()
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_padding(cls) -> bool:
+    return "key_padding_mask" in inspect.signature(cls.select).parameters
 
 
 def check_int(obj, field: str, minimum: int = 1):

@@ -21,12 +21,13 @@ def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
     return q.view(b, num_kv_heads, hq // num_kv_heads, l, d)
 
 
-def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float,
+                 key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Vertical and slash scores ``[B, Hq, Lk]`` of the queries at local indices ``q_index``."""
     from ..ops.vertical_slash import vertical_slash_scores
 
     q_pos = q_index + (k.shape[2] - q.shape[2])
-    return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale)
+    return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale, key_padding_mask=key_padding_mask)
 
 
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:

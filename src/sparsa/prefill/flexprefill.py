@@ -58,14 +58,15 @@ class FlexPrefill(Selector):
         check_block(self)
         check_int(self, "probe_blocks")
 
-    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         lq, lk, bs = q.shape[2], k.shape[2], self.block
         if lk <= max(2 * bs, -(-self.min_budget // bs) * bs):
             return BlockPattern.dense(lq, lk, block_q=bs, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_index = self._probe_index(lq, q.device)
-        vertical, slash = probe_scores(q, k, q_index, scale)  # [B, Hq, Lk]
-        vertical, slash = vertical / len(q_index), slash / len(q_index)  # each sums to 1 per head
+        vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask)  # [B, Hq, Lk]
+        mass = vertical.sum(-1, keepdim=True).clamp(min=1e-12)
+        vertical, slash = vertical / mass, slash / mass  # each sums to 1 per head
         kb = -(-lk // bs)
         v_blocks, s_blocks = _pool(vertical, lk, bs), _pool(slash, lk, bs)
         lo, hi = max(self.min_budget // bs, 1), kb if self.max_budget is None else max(self.max_budget // bs, 1)

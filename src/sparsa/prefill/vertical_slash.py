@@ -43,10 +43,10 @@ class VerticalSlash(Selector):
         check_int(self, "local_diagonals", minimum=0)
         check_block(self)
 
-    def select(self, q, k, *, layer_idx=None):
+    def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         lq, lk = q.shape[2], k.shape[2]
         q_index = torch.arange(lq - min(self.last_q, lq), lq, device=q.device)
-        vertical, slash = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]))
+        vertical, slash = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]), key_padding_mask)
         columns = top_indices(vertical, min(self.vertical_size, lk), forced=min(self.sink_columns, lk))
         diagonals = top_indices(slash, min(self.slash_size, lk), forced=min(self.local_diagonals, lk))
         tiles = vertical_slash_tiles(columns, diagonals, lq, lk, self.block)
