@@ -180,3 +180,20 @@ def test_sale_calibration_on_the_reference_model():
     sparsa.configure(model, prefill="sale", threshold=tight, local_window=64, block=64, dense_below=0)
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
+
+
+def test_sale_ignores_padded_keys():
+    """With left padding, the sink block is padding: anchors and estimates must skip it, and no padded-only
+    tile is selected except the forced first block."""
+    q, k, v = _qkv(2, 4, 2, 400, 400, seed=9)
+    pad = torch.ones(2, 400, dtype=torch.bool)
+    pad[1, :128] = False
+    sel = SALE(threshold=0.05, local_window=32, block=32)
+    p = sel.select(q, k, key_padding_mask=pad).validate()
+    blocks = p.to_block_mask()[1]  # second sequence, [Hq, Qb, Kb]
+    # Real query blocks past the local window never read key blocks made only of padding (1-3; block 0 is
+    # always computed, and the kernel masks its padded keys).
+    assert not bool(blocks[:, 5:, 1:4].any()), "blocks made only of padding are never selected"
+    assert bool(SALE(threshold=0.05, local_window=32, block=32).select(q, k).to_block_mask()[1, :, 5:, 1:4].any())
+    out = block_sparse_attention(q, k, v, p, key_padding_mask=pad, backend="reference")
+    assert torch.isfinite(out[1, :, 128:]).all()

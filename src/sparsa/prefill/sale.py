@@ -69,15 +69,19 @@ class SALE(Selector):
             raise ValueError(f"sale: {t.numel()} thresholds do not divide {heads} query heads")
         return t.repeat_interleave(heads // t.numel())  # one per KV head: shared by its group
 
-    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         lq, lk, bs = q.shape[2], k.shape[2], self.block
         scale = 1.0 / math.sqrt(q.shape[-1])
         theta = self.thresholds(q.shape[1], layer_idx, q.device)
         est = _estimate_inputs(q.float(), k.float(), bs, self.bits)
-        m, l = _anchor_stats(q.float(), k.float(), scale, bs, self.local_window)  # [B, Hq, Lq]
-        # log(theta * l) + m: the estimated logit a key needs to reach theta of the anchor softmax.
+        m, l = _anchor_stats(q.float(), k.float(), scale, bs, self.local_window, key_padding_mask)  # [B, Hq, Lq]
+        if key_padding_mask is not None:  # padded keys never pass: their column term is -inf
+            est = (*est[:5], est[5].masked_fill(~key_padding_mask[:, None, :].to(q.device), float("-inf")))
+        # log(theta * l) + m: the estimated logit a key needs to reach theta of the anchor softmax. A head with
+        # theta 0, or a query whose anchors are all padding, passes every tile.
         need = m + torch.log(l) + torch.log(theta.clamp(min=1e-30))[None, :, None]
-        need = torch.where(theta[None, :, None] > 0, need, torch.full_like(need, float("-inf")))
+        dense_rows = (theta[None, :, None] <= 0) | (l <= 0)
+        need = torch.where(dense_rows, torch.full_like(need, float("-inf")), need)
         tiles = passing_tiles(*est, need, scale, bs) & causal_block_mask(lq, lk, bs, bs, q.device)
         tiles |= _anchor_tiles(lq, lk, bs, self.local_window, q.device)
         tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
@@ -113,8 +117,9 @@ def _estimate_inputs(q: Tensor, k: Tensor, block: int, bits: int):
     return q_int, q_scale, k_int, k_scale, row_term, col_term
 
 
-def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int):
-    """Row max and sum of exp over the sink block and the local window, exact: ``[B, Hq, Lq]`` each."""
+def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int, key_padding_mask=None):
+    """Row max and sum of exp over the sink block and the local window, exact: ``[B, Hq, Lq]`` each.
+    Padded keys are left out; a query with no real anchor gets max -inf and sum 0."""
     lq, lk, hkv = q.shape[2], k.shape[2], k.shape[1]
     q_pos = torch.arange(lq, device=q.device) + (lk - lq)
     sink = k[:, :, : min(block, lk)]
@@ -128,9 +133,14 @@ def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int):
     s_local = torch.einsum("bhgqd,bhqwd->bhgqw", qg, local) * scale
     # Keys in the sink block are already counted; drop them from the window to count each key once.
     s_local = s_local.masked_fill(~ok | (idx < sink.shape[2]), -math.inf)
+    if key_padding_mask is not None:
+        pad = key_padding_mask.to(q.device)
+        s_sink = s_sink.masked_fill(~pad[:, None, None, None, : sink.shape[2]], -math.inf)
+        local_ok = pad[:, idx.clamp(min=0)]  # [B, Lq, W]
+        s_local = s_local.masked_fill(~local_ok[:, None, None], -math.inf)
     scores = torch.cat([s_sink, s_local], -1)
     m = scores.amax(-1)
-    l = torch.exp(scores - m[..., None]).sum(-1)
+    l = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0)[..., None]).sum(-1)
     return m.flatten(1, 2), l.flatten(1, 2)
 
 
