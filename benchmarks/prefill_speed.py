@@ -30,7 +30,6 @@ import sparsa  # noqa: E402
 from sparsa import registry  # noqa: E402
 from sparsa.bench.runner import load_model, resolve_model  # noqa: E402
 from sparsa.heads import capture_qkv  # noqa: E402
-from sparsa.ops import block_sparse_attention  # noqa: E402
 from sparsa.tasks import get as get_task  # noqa: E402
 
 METHODS = ["dense", "streaming", "a_shape", "vertical_slash", "flexprefill", "sale", "hip", "longheads",

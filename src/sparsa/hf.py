@@ -20,7 +20,6 @@ import functools
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
 
 from . import registry

@@ -187,6 +187,21 @@ class BlockPattern:
             full = torch.gather(full_mask.expand_as(mask), -1, idx.long()) & valid
         return cls(num.contiguous(), idx.contiguous(), block_q, block_k, q_len, kv_len, token_mask, full)
 
+    @classmethod
+    def from_index_lists(cls, idx: Tensor, keep: Tensor, *, q_len: int, kv_len: int,
+                         block: int) -> "BlockPattern":
+        """Pattern from per-row candidate lists ``idx [B, H, Qb, C]`` whose kept entries (``keep``) are distinct
+        key blocks, in any order: sorted here, without a device sync (the width is bounded by the block count).
+        """
+        kb = -(-kv_len // block)
+        key = torch.where(keep, idx, kb).sort(-1).values
+        num = keep.sum(-1, dtype=torch.int32)
+        width = min(idx.shape[-1], kb)
+        key = key[..., :width]
+        valid = torch.arange(width, device=idx.device) < num[..., None]
+        out = torch.where(valid, key, 0).to(torch.int32)
+        return cls(num.contiguous(), out.contiguous(), block, block, q_len, kv_len)
+
     # ------------------------------------------------------------------------------------ measurements
     def density(self, causal: bool = True) -> float:
         """Fraction of the (causally) visible tiles that are computed, averaged over batch and heads.

@@ -91,7 +91,7 @@ class HiP(Selector):
         if lq > lk:
             raise ValueError(f"{self.name}: q has more positions ({lq}) than k ({lk})")
         bs, dev = self.block, q.device
-        group, qb = hq // hkv, -(-lq // bs)
+        qb = -(-lq // bs)
         topk = self.topk_blocks
         win = -(-self.sliding_window // bs)
         n_sink = -(-self.sink // bs)
@@ -135,7 +135,7 @@ class HiP(Selector):
         shape = (batch, hkv, qb)
         idx = torch.cat((sink_idx.expand(*shape, n_sink), lo, local_idx.expand(*shape, win + 1)), -1)
         ok = torch.cat((sink_ok.expand(*shape, n_sink), picked, local_ok.expand(*shape, win + 1)), -1)
-        return _pattern_from_lists(idx, ok, lq, lk, bs)
+        return BlockPattern.from_index_lists(idx, ok, q_len=lq, kv_len=lk, block=bs)
 
     def _query_samples(self, q: Tensor, hkv: int, lk: int) -> tuple[Tensor, Tensor]:
         """``[B, Hkv, G, Qb, S, D]`` float32 sampled queries and their positions ``[Qb, S]``."""
@@ -147,15 +147,3 @@ class HiP(Selector):
         rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
         rep = q.index_select(2, rows.flatten()).float()
         return rep.view(batch, hkv, hq // hkv, qb, samples, dim), rows + (lk - lq)
-
-
-def _pattern_from_lists(idx: Tensor, ok: Tensor, lq: int, lk: int, block: int) -> BlockPattern:
-    """Pattern from per-row candidate lists whose kept (``ok``) entries are distinct key blocks."""
-    kb = -(-lk // block)
-    key = torch.where(ok, idx, kb).sort(-1).values
-    num = ok.sum(-1, dtype=torch.int32)
-    width = min(idx.shape[-1], kb)  # kept entries are distinct blocks: at most kb of them (no device sync)
-    key = key[..., :width]
-    valid = torch.arange(width, device=idx.device) < num[..., None]
-    out = torch.where(valid, key, 0).to(torch.int32)
-    return BlockPattern(num.contiguous(), out.contiguous(), block, block, lq, lk)

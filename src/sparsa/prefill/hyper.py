@@ -204,7 +204,7 @@ class _Run:
         accumulation dtype. ``q_valid [B, nq]`` / ``k_valid [B, nk]``: real tokens (None: all)."""
         cfg = self.cfg
         batch, hq, nq, dim = q.shape
-        hkv, nk, dv = k.shape[1], k.shape[2], v.shape[-1]
+        nk, dv = k.shape[2], v.shape[-1]
         bk = cfg.block_size
         if nq < cfg.min_seq_len or nk <= bk:
             return self.exact(q, k, v, causal=False, key_valid=k_valid)

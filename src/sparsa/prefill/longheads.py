@@ -136,12 +136,12 @@ class LongHeads(Selector):
             dense_ok = (dense <= last[:, None]) & full_row[:, None]
             blocks = torch.cat((blocks, dense), -1)
             ok = torch.cat((ok, dense_ok.expand_as(dense)), -1)
-        return _pattern_from_lists(blocks, ok, lq, lk, bs)
+        return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
 
     def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int) -> Tensor:
         """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``."""
         batch, hq, lq, dim = q.shape
-        hkv, lk = k.shape[1], k.shape[2]
+        hkv = k.shape[1]
         w, bs, samples = self.window_size, self.block, self.query_samples
         kc = k[:, :, : n_chunks * w].reshape(batch, hkv, n_chunks, w, dim)
         summary = kc.mean(3, dtype=torch.float32)  # [B, Hkv, C, D]: the chunk's summary query
@@ -159,15 +159,3 @@ class LongHeads(Selector):
             sc = torch.einsum("bhgrd,bhcd->bhgrc", rep[:, :, :, :, i].float(), chunk_key)
             best = sc if best is None else torch.maximum(best, sc)
         return best.reshape(batch, hq, qb, n_chunks)
-
-
-def _pattern_from_lists(idx: Tensor, ok: Tensor, lq: int, lk: int, block: int) -> BlockPattern:
-    """Pattern from per-row candidate lists whose kept (``ok``) entries are distinct key blocks."""
-    kb = -(-lk // block)
-    key = torch.where(ok, idx, kb).sort(-1).values
-    num = ok.sum(-1, dtype=torch.int32)
-    width = min(idx.shape[-1], kb)  # kept entries are distinct blocks: at most kb of them (no device sync)
-    key = key[..., :width]
-    valid = torch.arange(width, device=idx.device) < num[..., None]
-    out = torch.where(valid, key, 0).to(torch.int32)
-    return BlockPattern(num.contiguous(), out.contiguous(), block, block, lq, lk)
