@@ -188,10 +188,12 @@ def fast_path(pattern: BlockPattern, key_padding_mask: Tensor | None, device) ->
     """Whether to pad to multiples of 128 and run the kernel without bounds checks (IS_DIVISIBLE), with TMA loads
     on Hopper: dense causal 1.19x -> 1.32x SDPA flash at 32K-128K on the H200 (BENCHMARKS.md).
 
-    Only where it was verified on the GPU: no key padding and no token mask. With a key padding mask the
-    padded, bounds-check-free kernel hit an illegal memory access on the H200 (2026-11-29, not yet
-    diagnosed), so those cases keep the bounds-checked kernel."""
-    return device.type == "cuda" and key_padding_mask is None and pattern.token_mask is None
+    Only where it was verified on the GPU: no key padding, no token mask, one pattern for the whole batch.
+    With a key padding mask (which also made the BlockMask per-sequence) the padded, bounds-check-free kernel
+    hit an illegal memory access on the H200 (2026-11-29, not yet diagnosed), so every other case keeps
+    the bounds-checked kernel."""
+    return (device.type == "cuda" and key_padding_mask is None and pattern.token_mask is None
+            and pattern.batch == 1)
 
 
 def kernel_options(pattern: BlockPattern, device, fast: bool = False) -> dict | None:
