@@ -105,6 +105,33 @@ def test_selector_parameters_and_registration():
         BiFormer(block=16).select(q, k)
 
 
+@pytest.mark.parametrize("lq", [400, 300])
+def test_ignores_padded_keys(lq):
+    """A left-padded second sequence: real query blocks never route to key blocks made only of padding, while
+    the unmasked routing does; an unpadded sequence keeps its pattern."""
+    lk, bs, n_pad = 400, 16, 128  # key blocks 0-7 of sequence 1 are padding
+    q, k, v = _qkv(2, 8, 2, lq, lk, seed=23)
+    pad = torch.ones(2, lk, dtype=torch.bool)
+    pad[1, :n_pad] = False
+    sel = BiFormer(topk=4, block=bs)
+    pattern = sel.select(q, k, key_padding_mask=pad).validate()
+    assert pattern.batch == 2 and pattern.heads == 2
+    rows = torch.arange(-(-lq // bs)) * bs + (lk - lq) >= n_pad  # real query blocks whose diagonal is real
+    assert int(rows.sum()) > 10
+    padded_only = slice(0, n_pad // bs)
+    assert not bool(pattern.to_block_mask()[1, :, rows, padded_only].any()), "a padding-only block was picked"
+    unmasked = sel.select(q, k)
+    # the test can fail: without the mask, the same inputs do pick some of them
+    assert bool(unmasked.to_block_mask()[1, :, rows, padded_only].any())
+    # no padding in sequence 0 (or an all-True mask): exactly the unmasked pattern
+    assert torch.equal(pattern.to_block_mask()[0], unmasked.to_block_mask()[0])
+    assert torch.equal(sel.select(q, k, key_padding_mask=torch.ones_like(pad)).to_block_mask(),
+                       unmasked.to_block_mask())
+    assert sel.pattern(q, k, key_padding_mask=pad).to_block_mask().equal(pattern.to_block_mask())
+    out = block_sparse_attention(q, k, v, pattern, key_padding_mask=pad, backend="reference")
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, max(n_pad - (lk - lq), 0):]).all()
+
+
 def test_hf_smoke_left_padding():
     from test_hf import _inputs, _pair
 

@@ -155,6 +155,35 @@ def test_bad_head_counts():
         HiP(block=16).select(q, k)
 
 
+@pytest.mark.parametrize("lq", [400, 300])
+def test_ignores_padded_keys(lq):
+    """A left-padded second sequence: real query blocks never pick key blocks made only of padding (besides the
+    forced sink and window blocks), while the unmasked search does; an unpadded sequence keeps its pattern."""
+    lk, bs, n_pad = 400, 16, 128  # key blocks 0-7 of sequence 1 are padding
+    q, k, v = _qkv(2, 4, 2, lq, lk, seed=21)
+    pad = torch.ones(2, lk, dtype=torch.bool)
+    pad[1, :n_pad] = False
+    sel = HiP(block=bs, mask_k=64, sliding_window=16, sink=4)
+    pattern = sel.select(q, k, key_padding_mask=pad)
+    _check_rows(pattern)
+    assert pattern.batch == 2 and pattern.heads == 2
+    last = last_visible_block(lq, lk, bs, bs)
+    rows = last - 1 > n_pad // bs  # the window (blocks last-1, last) is past the padding
+    assert int(rows.sum()) > 10
+    padded_only = slice(1, n_pad // bs)  # block 0 is the forced sink
+    assert not bool(pattern.to_block_mask()[1, :, rows, padded_only].any()), "a padding-only block was picked"
+    unmasked = sel.select(q, k)
+    # the test can fail: without the mask, the same inputs do pick some of them
+    assert bool(unmasked.to_block_mask()[1, :, rows, padded_only].any())
+    # no padding in sequence 0 (or an all-True mask): exactly the unmasked pattern
+    assert torch.equal(pattern.to_block_mask()[0], unmasked.to_block_mask()[0])
+    assert torch.equal(sel.select(q, k, key_padding_mask=torch.ones_like(pad)).to_block_mask(),
+                       unmasked.to_block_mask())
+    assert sel.pattern(q, k, key_padding_mask=pad).to_block_mask().equal(pattern.to_block_mask())
+    out = block_sparse_attention(q, k, v, pattern, key_padding_mask=pad, backend="reference")
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, max(n_pad - (lk - lq), 0):]).all()
+
+
 # -------------------------------------------------------------------------------------- Hugging Face path
 def _tiny_llama(seed=0):
     torch.manual_seed(seed)

@@ -158,6 +158,35 @@ def test_bad_head_counts():
         LongHeads(**SMALL).select(q, k)
 
 
+@pytest.mark.parametrize("lq", [640, 500])
+def test_ignores_padded_keys(lq):
+    """A left-padded second sequence: real query blocks never pick chunks made only of padding by score (chunk 0
+    stays forced), while the unmasked scores do; an unpadded sequence keeps its pattern."""
+    lk, bs, w, n_pad = 640, 16, 64, 200  # chunks 0-2 of sequence 1 are padding, chunk 3 partly
+    q, k, v = _qkv(2, 4, 2, lq, lk, seed=22)
+    pad = torch.ones(2, lk, dtype=torch.bool)
+    pad[1, :n_pad] = False
+    sel = LongHeads(**dict(SMALL, atten_length=384, begin_selective_length=64))
+    pattern = sel.select(q, k, key_padding_mask=pad)
+    _check_rows(pattern)
+    assert pattern.batch == 2 and pattern.heads == 4
+    first_pos = torch.arange(-(-lq // bs)) * bs + (lk - lq)
+    rows = first_pos >= 4 * w  # the previous chunk (forced) is past the padding
+    assert int(rows.sum()) > 10
+    padded_only = slice(w // bs, (n_pad // w) * (w // bs))  # blocks of chunks 1-2 (chunk 0 is forced)
+    assert not bool(pattern.to_block_mask()[1, :, rows, padded_only].any()), "a padding-only chunk was picked"
+    unmasked = sel.select(q, k)
+    # the test can fail: without the mask, the same inputs do pick some of them
+    assert bool(unmasked.to_block_mask()[1, :, rows, padded_only].any())
+    # no padding in sequence 0 (or an all-True mask): exactly the unmasked pattern
+    assert torch.equal(pattern.to_block_mask()[0], unmasked.to_block_mask()[0])
+    assert torch.equal(sel.select(q, k, key_padding_mask=torch.ones_like(pad)).to_block_mask(),
+                       unmasked.to_block_mask())
+    assert sel.pattern(q, k, key_padding_mask=pad).to_block_mask().equal(pattern.to_block_mask())
+    out = block_sparse_attention(q, k, v, pattern, key_padding_mask=pad, backend="reference")
+    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, max(n_pad - (lk - lq), 0):]).all()
+
+
 # -------------------------------------------------------------------------------------- Hugging Face path
 def _tiny_llama(seed=0):
     torch.manual_seed(seed)

@@ -25,6 +25,11 @@ GQA: one pattern per KV head. The group's query descriptors are averaged before 
 the group's routing scores (the score is linear in ``q_r``). It keeps the budget at ``topk`` key blocks per KV
 head (the union of per-query-head top-k sets could reach ``group * topk`` blocks) and every key block the kernel
 loads serves the whole group; it also matches the 2-D routing, which the paper shares across all heads.
+
+Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): block descriptors
+average real tokens only, key blocks made only of padding are never routed to (only the forced diagonal block
+may be padding; the kernel masks padded keys), and the pattern becomes one per sequence. A block without
+padding keeps exactly its unpadded descriptor, so a sequence without padding gets its unpadded pattern.
 """
 
 from __future__ import annotations
@@ -55,6 +60,29 @@ def block_means(x: Tensor, block: int) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, 2)
 
 
+def masked_block_means(x: Tensor, block: int, real: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`block_means` over the real positions only (``real [B, L]`` bool): ``([B, H, nb, D] float32, counts
+    [B, nb])``. A block without real positions has mean 0; a block without padding gets exactly
+    :func:`block_means`' value."""
+    batch, heads, length, dim = x.shape
+    full, tail = divmod(length, block)
+    xm = x.masked_fill(~real[:, None, :, None], 0)
+    means, counts = [], []
+    for start, n_blocks, size in ((0, full, block), (full * block, 1 if tail else 0, tail)):
+        if not n_blocks:
+            continue
+        end = start + n_blocks * size
+        s = xm[:, :, start:end].reshape(batch, heads, n_blocks, size, dim).sum(3, dtype=torch.float32)
+        n = real[:, start:end].reshape(batch, n_blocks, size).sum(-1)  # [B, nb]
+        # dividing by the python int where the block is all real keeps block_means' rounding exactly
+        n_ = n[:, None, :, None]
+        means.append(torch.where(n_ == size, s / size, s / n_.clamp(min=1)))
+        counts.append(n)
+    if len(means) == 1:
+        return means[0], counts[0]
+    return torch.cat(means, 2), torch.cat(counts, 1)
+
+
 def group_mean(x: Tensor, num_kv_heads: int) -> Tensor:
     """Average the query heads of each GQA group: ``[B, Hq, ...] -> [B, Hkv, ...]``."""
     batch, hq = x.shape[:2]
@@ -77,15 +105,25 @@ class BiFormer(Selector):
         check_int(self, "topk")
         check_block(self)
 
-    def routing_scores(self, q: Tensor, k: Tensor) -> Tensor:
-        """``[B, Hkv, Qb, Kb]`` float32 routing scores (before causal masking)."""
-        _check_qk(q, k)
-        q_r = group_mean(block_means(q, self.block), k.shape[1])  # [B, Hkv, Qb, D]
-        k_r = block_means(k, self.block)  # [B, Hkv, Kb, D]
-        return torch.einsum("bhqd,bhkd->bhqk", q_r, k_r)
+    def routing_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, Hkv, Qb, Kb]`` float32 routing scores (before causal masking).
 
-    def select(self, q, k, *, layer_idx=None):
-        scores = self.routing_scores(q, k)
+        ``key_padding_mask [B, Lk]`` (True = real token): descriptors average real tokens only (queries are the
+        last ``Lq`` positions of the mask) and key blocks made only of padding score ``-inf``.
+        """
+        _check_qk(q, k)
+        if key_padding_mask is None:
+            q_r = group_mean(block_means(q, self.block), k.shape[1])  # [B, Hkv, Qb, D]
+            k_r = block_means(k, self.block)  # [B, Hkv, Kb, D]
+            return torch.einsum("bhqd,bhkd->bhqk", q_r, k_r)
+        real = key_padding_mask.to(device=k.device, dtype=torch.bool)
+        q_r, _ = masked_block_means(q, self.block, real[:, k.shape[2] - q.shape[2]:])
+        k_r, k_count = masked_block_means(k, self.block, real)
+        scores = torch.einsum("bhqd,bhkd->bhqk", group_mean(q_r, k.shape[1]), k_r)
+        return scores.masked_fill((k_count == 0)[:, None, None, :], float("-inf"))
+
+    def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
+        scores = self.routing_scores(q, k, key_padding_mask)
         return BlockPattern.from_block_scores(scores, q_len=q.shape[2], kv_len=k.shape[2], block_q=self.block,
                                               block_k=self.block, topk=self.topk, causal=True,
                                               keep_diagonal=True, keep_first=False)
@@ -199,4 +237,4 @@ def _check_2d(q, k, height, width, n_win, topk):
 
 
 __all__ = ["BiFormer", "biformer_attention_2d", "routing_pattern_2d", "to_region_major", "from_region_major",
-           "block_means"]
+           "block_means", "masked_block_means"]

@@ -41,6 +41,12 @@ Deviations: the search stops at blocks, not HiP's 1-2 token leaves, and the mask
 random/first-token sampling variants and SparQ low-rank scoring are not implemented (the paper's centre token
 is); no HiP-specific dense layers (``dense_below`` still applies). Estimation is plain PyTorch, batched over
 batch, heads and query blocks; one level holds ``O(B * Lq/block * k * (Hq * samples + Hkv * D))`` numbers.
+
+Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): a node is represented
+by the centre of its real keys (the span from its first to its last real key), a node made only of padding is
+dead (never searched further, never picked), and padded sampled queries do not score. The sink and window
+blocks stay forced even where they are padding (the kernel masks padded keys); the pattern becomes one per
+sequence. Without padding every node keeps its centre token, so an unpadded sequence gets its unpadded pattern.
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ class HiP(Selector):
     def topk_blocks(self) -> int:
         return -(-self.mask_k // self.block)
 
-    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         batch, hq, lq, dim = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         if hkv == 0 or hq % hkv:
@@ -110,23 +116,37 @@ class HiP(Selector):
         # Levels: enough halvings to bring the largest initial node (of the last row, the longest range) to 1.
         n_max = max(0, max((lk - 1) // bs - win, 0) - n_sink)
         levels = math.ceil(math.log2(-(-n_max // topk))) if n_max > topk else 0
+        real = None if key_padding_mask is None else key_padding_mask.to(device=dev, dtype=torch.bool)
         if levels:
             q_rep, q_pos = self._query_samples(q, hkv, lk)
+            visible_q = q_pos[None, None, :, None, None, :]  # [1, 1, Qb, 1, 1, S]
+            if real is not None:  # positions of padded sampled queries never see a key
+                visible_q = torch.where(real[:, q_pos][:, None, :, None, None, :], visible_q, -1)
+                next_real, prev_real = _real_neighbours(real)
         for _ in range(levels):
             mid = (lo + hi) // 2
             c_lo = torch.stack((lo, mid), -1).flatten(-2)  # [B, Hkv, Qb, 2k]
             c_hi = torch.stack((mid, hi), -1).flatten(-2)
             alive = c_hi > c_lo
-            centre = torch.where(alive, (c_lo + c_hi) * bs // 2, 0)  # the child's centre token
+            if real is None:
+                centre = torch.where(alive, (c_lo + c_hi) * bs // 2, 0)  # the child's centre token
+            else:  # the centre of the child's real keys; a child made only of padding is dead
+                centre, has_real = _real_centre(c_lo * bs, c_hi * bs, next_real, prev_real)
+                alive = alive & has_real
+                centre = torch.where(alive, centre, 0)
             keys = torch.gather(k, 2, centre.reshape(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
             keys = keys.view(batch, hkv, qb, 2 * topk, dim).float()
             s = torch.einsum("bhgrsd,bhrcd->bhrcgs", q_rep, keys)  # [B, Hkv, Qb, 2k, G, S]
-            visible = q_pos[None, None, :, None, None, :] >= centre[..., None, None]
+            visible = visible_q >= centre[..., None, None]
             s = s.masked_fill(~visible, float("-inf")).amax((-2, -1))
             s = s.masked_fill(~alive, float("-inf"))
             best = torch.topk(s, topk, dim=-1).indices
             lo, hi = torch.gather(c_lo, -1, best), torch.gather(c_hi, -1, best)
         picked = hi > lo  # single blocks (or empty pieces) by now
+        if real is not None:  # a block made only of padding is never picked (dead nodes can fill a short top-k)
+            kb = -(-lk // bs)
+            block_real = torch.nn.functional.pad(real, (0, kb * bs - lk)).view(batch, 1, 1, kb, bs).any(-1)
+            picked = picked & torch.gather(block_real.expand(batch, hkv, qb, kb), -1, lo.clamp(max=kb - 1))
 
         sink_idx = torch.arange(n_sink, device=dev).expand(qb, n_sink)
         sink_ok = sink_idx < local_lo[:, None]
@@ -147,3 +167,26 @@ class HiP(Selector):
         rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
         rep = q.index_select(2, rows.flatten()).float()
         return rep.view(batch, hkv, hq // hkv, qb, samples, dim), rows + (lk - lq)
+
+
+def _real_neighbours(real: Tensor) -> tuple[Tensor, Tensor]:
+    """``real [B, L]`` bool: per position, the first real position at or after it (``L`` if none) and the last
+    one at or before it (``-1`` if none), ``[B, L]`` long each."""
+    length = real.shape[-1]
+    pos = torch.arange(length, device=real.device).expand_as(real)
+    next_real = torch.where(real, pos, length).flip(-1).cummin(-1).values.flip(-1)
+    prev_real = torch.where(real, pos, -1).cummax(-1).values
+    return next_real, prev_real
+
+
+def _real_centre(start: Tensor, end: Tensor, next_real: Tensor, prev_real: Tensor) -> tuple[Tensor, Tensor]:
+    """Representative key of token spans ``[start, end)`` (``[B, ...]``, non-empty or ignored): the centre of the
+    span's real keys (the first to the last real key; the next real key when the centre is a padded hole), and
+    whether the span holds a real key. Without padding it is the span's centre token, ``(start + end) // 2``."""
+    batch, length = next_real.shape
+    flat = lambda t: t.reshape(batch, -1).clamp(0, length - 1)  # noqa: E731
+    first = torch.gather(next_real, 1, flat(start)).view_as(start)
+    last = torch.gather(prev_real, 1, flat(end - 1)).view_as(end)
+    has_real = (first <= last) & (end > start)
+    centre = torch.gather(next_real, 1, flat((first + last + 1) // 2)).view_as(start)
+    return centre, has_real

@@ -36,6 +36,13 @@ Deviations from the paper, stated plainly:
   leans toward the keys that agree with the chunk's dominant direction and away from outliers.
 - Per query block rather than per query (above); estimation is plain PyTorch, batched over batch, heads and
   query blocks, with memory ``O(Lk d)`` plus ``[Qb, Lk / window_size]`` score maps per head.
+
+Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): the summary query and
+the chunk key use the chunk's real keys only, padded sampled queries do not score, and chunks made only of
+padding are never chosen by score. The forced chunks (first, previous, current) and the dense rows before
+``begin_selective_length`` stay as they are, with positions counted in the padded sequence (the kernel masks
+padded keys); the pattern becomes one per sequence. A chunk without padding keeps exactly its unpadded chunk
+key, so an unpadded sequence gets its unpadded pattern.
 """
 
 from __future__ import annotations
@@ -79,7 +86,7 @@ class LongHeads(Selector):
         if self.query_samples > self.block:
             raise ValueError(f"{self.name}: query_samples must be <= block ({self.block}), got {self.query_samples}")
 
-    def select(self, q: Tensor, k: Tensor, *, layer_idx=None) -> BlockPattern:
+    def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         batch, hq, lq, dim = q.shape
         hkv, lk = k.shape[1], k.shape[2]
         if hkv == 0 or hq % hkv:
@@ -115,7 +122,7 @@ class LongHeads(Selector):
         chunks = [torch.zeros(qb, 1, dtype=torch.long, device=dev).expand(*shape, 1), loc.expand(*shape, 3)]
         chunk_ok = [(~full_row)[:, None].expand(*shape, 1), (loc_ok & ~full_row[:, None]).expand(*shape, 3)]
         if ktop > 0:
-            scores = self._chunk_scores(q, k, n_chunks)  # [B, Hq, Qb, n_chunks]
+            scores = self._chunk_scores(q, k, n_chunks, key_padding_mask)  # [B, Hq, Qb, n_chunks]
             c = torch.arange(n_chunks, device=dev)
             cand = (c >= 1) & (c < cur_first[:, None] - 1)
             top = torch.topk(scores.masked_fill(~cand, float("-inf")), ktop, dim=-1)
@@ -138,14 +145,27 @@ class LongHeads(Selector):
             ok = torch.cat((ok, dense_ok.expand_as(dense)), -1)
         return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
 
-    def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int) -> Tensor:
-        """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``."""
+    def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``.
+
+        With ``key_padding_mask [B, Lk]`` (True = real token) the chunk key is built from real keys only, padded
+        sampled queries do not score, and chunks made only of padding score ``-inf``.
+        """
         batch, hq, lq, dim = q.shape
-        hkv = k.shape[1]
+        hkv, lk = k.shape[1], k.shape[2]
         w, bs, samples = self.window_size, self.block, self.query_samples
         kc = k[:, :, : n_chunks * w].reshape(batch, hkv, n_chunks, w, dim)
         summary = kc.mean(3, dtype=torch.float32)  # [B, Hkv, C, D]: the chunk's summary query
+        if key_padding_mask is not None:
+            real = key_padding_mask.to(device=k.device, dtype=torch.bool)
+            real_c = real[:, : n_chunks * w].reshape(batch, 1, n_chunks, w)
+            count = real_c.sum(-1)  # [B, 1, C]
+            real_sum = kc.masked_fill(~real_c[..., None], 0).sum(3, dtype=torch.float32)
+            # a chunk without padding keeps exactly the unmasked mean
+            summary = torch.where((count == w)[..., None], summary, real_sum / count.clamp(min=1)[..., None])
         logits = torch.einsum("bhcwd,bhcd->bhcw", kc, summary.to(kc.dtype)).float() * dim ** -0.5
+        if key_padding_mask is not None:  # chunks made only of padding keep finite weights; they score -inf below
+            logits = logits.masked_fill(~real_c & (count > 0)[..., None], float("-inf"))
         weights = torch.softmax(logits, -1)
         chunk_key = torch.einsum("bhcw,bhcwd->bhcd", weights.to(kc.dtype), kc).float()  # [B, Hkv, C, D]
 
@@ -154,8 +174,14 @@ class LongHeads(Selector):
         offs = (bs - 1) - ((samples - 1 - s) * bs) // samples  # evenly spaced, ending at the block's last query
         rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
         rep = q.index_select(2, rows.flatten()).view(batch, hkv, hq // hkv, qb, samples, dim)
+        if key_padding_mask is not None:
+            q_real = real[:, rows + (lk - lq)][:, None, None, :, :, None]  # [B, 1, 1, Qb, S, 1]
         best = None
         for i in range(samples):  # running max: one [Qb, C] map per head at a time
             sc = torch.einsum("bhgrd,bhcd->bhgrc", rep[:, :, :, :, i].float(), chunk_key)
+            if key_padding_mask is not None:
+                sc = sc.masked_fill(~q_real[:, :, :, :, i], float("-inf"))
             best = sc if best is None else torch.maximum(best, sc)
+        if key_padding_mask is not None:
+            best = best.masked_fill((count == 0)[:, :, None, None], float("-inf"))  # [B, 1, 1, 1, C]
         return best.reshape(batch, hq, qb, n_chunks)
