@@ -197,3 +197,14 @@ def test_sale_ignores_padded_keys():
     assert bool(SALE(threshold=0.05, local_window=32, block=32).select(q, k).to_block_mask()[1, :, 5:, 1:4].any())
     out = block_sparse_attention(q, k, v, p, key_padding_mask=pad, backend="reference")
     assert torch.isfinite(out[1, :, 128:]).all()
+
+
+def test_sale_calibration_cli_and_file(tmp_path):
+    from sparsa.cli import main
+
+    out = tmp_path / "cal.json"
+    assert main(["calibrate", "sale", "--length", "768", "--samples", "1", "--eps", "0.05", "--out", str(out)]) == 0
+    sel = SALE(threshold=str(out))
+    assert len(sel.threshold) == 4 and all(len(row) == 4 for row in sel.threshold)
+    with pytest.raises(ValueError, match="no file"):
+        SALE(threshold=str(tmp_path / "missing.json"))

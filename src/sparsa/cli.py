@@ -23,6 +23,30 @@ def _methods(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    import json
+
+    import torch
+
+    from .bench.runner import load_model, resolve_model
+    from .prefill.sale import calibrate_thresholds
+    from .tasks import get
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(resolve_model(args.model), device)
+    samples = get(args.task).generate(args.samples, args.length, 10_000, tokenizer)
+    ids = [tokenizer.encode(s["prompt"], add_special_tokens=False) for s in samples]
+    width = min(len(x) for x in ids)
+    batch = torch.tensor([x[-width:] for x in ids], device=device)  # same length: no padding needed
+    thresholds = calibrate_thresholds(model, batch, eps=args.eps)
+    with open(args.out, "w") as f:
+        json.dump({"method": "sale", "model": str(args.model or "ref-tiny"), "task": args.task,
+                   "length": args.length, "eps": args.eps, "threshold": thresholds}, f, indent=1)
+    dense = sum(t == 0 for row in thresholds for t in row)
+    print(f"wrote {args.out}: {len(thresholds)} layers, {dense} dense heads")
+    return 0
+
+
 def _default(f):
     import dataclasses
 
@@ -43,6 +67,16 @@ def main(argv=None) -> int:
     sub.add_parser("bench", help="accuracy retention and speed against dense attention on the same samples "
                    "(`sparsa bench --help`; `sparsa bench report RESULTS` for tables and plots)", add_help=False)
     sub.add_parser("speed", help="kernel timings against dense SDPA (run `sparsa speed --help`)", add_help=False)
+    c = sub.add_parser("calibrate", help="per-head calibration of a method on a model (SALE thresholds)")
+    c.add_argument("method", choices=["sale"])
+    c.add_argument("--model", default=None, help="model directory or bundled model (default ref-tiny)")
+    c.add_argument("--task", default="niah_multikey", help="task whose prompts calibrate (default niah_multikey)")
+    c.add_argument("--length", type=int, default=2048)
+    c.add_argument("--samples", type=int, default=2)
+    c.add_argument("--eps", type=float, default=0.4, help="error tolerance per query (SALE's epsilon)")
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", required=True, help="JSON file; use it as sale:threshold=FILE")
+    c.set_defaults(func=_calibrate)
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()

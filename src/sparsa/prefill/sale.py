@@ -45,6 +45,8 @@ class SALE(Selector):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.threshold, str):  # a calibration file written by `sparsa calibrate sale`
+            self.threshold = _load_thresholds(self.threshold)
         check_int(self, "local_window", minimum=0)
         check_block(self)
         if self.bits not in (2, 3, 4, 8):
@@ -151,6 +153,17 @@ def _anchor_tiles(lq: int, lk: int, block: int, window: int, device) -> Tensor:
     lo = (first_q - window + 1).clamp(min=0) // block
     c = torch.arange(-(-lk // block), device=device)
     return ((c[None, :] >= lo[:, None]) & (c[None, :] <= (last // block)[:, None])) | (c[None, :] == 0)
+
+
+def _load_thresholds(path: str):
+    import json
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"sale: threshold must be a number, a list, or a calibration file; {path!r} is no file")
+    data = json.loads(file.read_text())
+    return data["threshold"] if isinstance(data, dict) else data
 
 
 @torch.no_grad()
