@@ -1,13 +1,18 @@
-"""Triton kernel behind ``sparsa.ops.sale_estimate`` (imported only when Triton is used)."""
+"""Triton kernel behind ``sparsa.ops.sale_estimate`` (imported only when Triton is used).
+
+Lengths are runtime arguments, so a new prompt length does not recompile; the loop over key blocks runs to
+``KB_LOOP`` (the block count rounded up to a power of two: a compile-time bound, as Triton's CPU interpreter
+requires) and skips blocks after the query block's last key.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def passing_tiles_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, row_ptr, col_ptr, need_ptr, out_ptr, LQ: tl.constexpr,
-                         LK: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, KB: tl.constexpr,
-                         SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def passing_tiles_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, row_ptr, col_ptr, need_ptr, out_ptr, LQ, LK,
+                         D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, KB,
+                         SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, KB_LOOP: tl.constexpr):
     """One program per (batch x query head, query block): test every causally visible key block."""
     bh = tl.program_id(0)
     r = tl.program_id(1)
@@ -23,7 +28,7 @@ def passing_tiles_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, row_ptr, col_ptr, need_pt
     q_pos = i + (LK - LQ)
     last_key = tl.minimum((r + 1) * BLOCK, LQ) - 1 + (LK - LQ)
     k_base = k_ptr + (b * (HQ // GROUP) + kv) * LK * D
-    for c in range(0, KB):
+    for c in range(0, KB_LOOP):
         # Only key blocks at or before the block's last query (a scalar test, so the loop bound stays static:
         # Triton's CPU interpreter needs static bounds).
         if c * BLOCK <= last_key:

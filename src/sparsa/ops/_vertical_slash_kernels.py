@@ -1,11 +1,16 @@
-"""Triton kernels behind ``sparsa.ops.vertical_slash`` (imported only when Triton is used)."""
+"""Triton kernels behind ``sparsa.ops.vertical_slash`` (imported only when Triton is used).
+
+Lengths and the probe count are runtime arguments, so a new prompt length does not recompile; the one loop
+over key tiles runs to ``LK_LOOP``, the key length rounded up to a power of two (a compile-time bound, as
+Triton's CPU interpreter requires), and skips tiles past the real length.
+"""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _load_probes(q_ptr, pos_ptr, bh, P: tl.constexpr, D: tl.constexpr, BLOCK_P: tl.constexpr,
+def _load_probes(q_ptr, pos_ptr, bh, P, D: tl.constexpr, BLOCK_P: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, BLOCK_D)
@@ -17,7 +22,7 @@ def _load_probes(q_ptr, pos_ptr, bh, P: tl.constexpr, D: tl.constexpr, BLOCK_P: 
 
 
 @triton.jit
-def _logits(q, k_ptr, bias_ptr, bh, start, pos, LK: tl.constexpr, D: tl.constexpr, HQ: tl.constexpr,
+def _logits(q, k_ptr, bias_ptr, bh, start, pos, LK, D: tl.constexpr, HQ: tl.constexpr,
             GROUP: tl.constexpr, SCALE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scaled logits (log2 units) of the probes against one key tile, -inf where not causally visible or
     padded (``bias`` is 0 or -inf per key)."""
@@ -34,30 +39,31 @@ def _logits(q, k_ptr, bias_ptr, bh, start, pos, LK: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def stats_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, P: tl.constexpr, D: tl.constexpr, LK: tl.constexpr,
+def stats_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, P, D: tl.constexpr, LK,
                HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr, BLOCK_P: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LK_LOOP: tl.constexpr):
     """Pass 1: each probe's softmax max and normaliser over all visible keys (online, one tile at a time)."""
     bh = tl.program_id(0)
     q, pos = _load_probes(q_ptr, pos_ptr, bh, P, D, BLOCK_P, BLOCK_D)
     row_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_P], tl.float32)
-    for start in range(0, LK, BLOCK_N):
-        s, n, visible = _logits(q, k_ptr, bias_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
-        new_max = tl.maximum(row_max, tl.max(s, 1))
-        # Until a probe has seen a real key its max is -inf: keep the arithmetic finite (0 * exp2(0)).
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
-        row_max = new_max
+    for start in range(0, LK_LOOP, BLOCK_N):
+        if start < LK:
+            s, n, visible = _logits(q, k_ptr, bias_ptr, bh, start, pos, LK, D, HQ, GROUP, SCALE, BLOCK_D, BLOCK_N)
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            # Until a probe has seen a real key its max is -inf: keep the arithmetic finite (0 * exp2(0)).
+            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp2(row_max - safe) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+            row_max = new_max
     p = tl.arange(0, BLOCK_P)
     tl.store(max_ptr + bh * BLOCK_P + p, row_max)
     tl.store(sum_ptr + bh * BLOCK_P + p, row_sum)
 
 
 @triton.jit
-def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P: tl.constexpr, D: tl.constexpr,
-                LK: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P, D: tl.constexpr,
+                LK, HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, LK_LOOP: tl.constexpr):
     """Pass 2: normalised probabilities of one key tile; column sums stored, diagonal sums added atomically."""
     bh = tl.program_id(0)
     start = tl.program_id(1) * BLOCK_N

@@ -72,5 +72,6 @@ def _passing_tiles_triton(q_int, q_scale, k_int, k_scale, row_term, col_term, ne
     args = [t.contiguous() for t in (q_int, q_scale.float(), k_int, k_scale.float(), row_term.float(),
                                      col_term.float(), need.float())]
     passing_tiles_kernel[(b * hq, qb)](*args, out, LQ=lq, LK=lk, D=d, HQ=hq, GROUP=hq // hkv, KB=kb,
-                                       SCALE=float(scale), BLOCK=block, BLOCK_D=max(32, triton.next_power_of_2(d)))
+                                       SCALE=float(scale), BLOCK=block, BLOCK_D=max(32, triton.next_power_of_2(d)),
+                                       KB_LOOP=triton.next_power_of_2(kb))
     return out.bool()

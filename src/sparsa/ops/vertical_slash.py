@@ -85,7 +85,7 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None):
     if key_padding_mask is not None:
         bias.masked_fill_(~key_padding_mask.to(k.device), float("-inf"))
     common = dict(P=p, D=d, LK=lk, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e),
-                  BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_N=block_n)
+                  BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_N=block_n, LK_LOOP=max(block_n, triton.next_power_of_2(lk)))
     stats_pass[(b * hq,)](q_probe, k, q_pos, bias, row_max, row_sum, **common)
     vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
     slash = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
