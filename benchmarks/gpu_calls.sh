@@ -21,7 +21,7 @@ case "${1:-}" in
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
   bench)
-    timeout 330 sparsa bench --model ref-small --device cuda --batch-size 8 \
+    timeout 330 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 8 \
       --methods "dense;streaming;a_shape;sliding_window;vertical_slash;flexprefill;sale;hip" \
       --tasks niah_single,niah_multikey,vt --lengths 8192,16384,32768 --depths none -n 10 \
       --out "$OUT/bench-ref-small.jsonl" --no-progress 2>&1 | tail -30
