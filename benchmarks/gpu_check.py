@@ -89,18 +89,10 @@ def correctness(device="cuda", quick=False):
 
 
 def bench(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    """Median CUDA-event milliseconds (sparsa.bench.speed.measure: warm-up, then about a second of calls)."""
+    from sparsa.bench.speed import measure
+
+    return measure(fn, torch.device("cuda"), reps=reps)[0]
 
 
 def selectors(lengths, device="cuda"):

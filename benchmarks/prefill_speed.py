@@ -37,25 +37,11 @@ METHODS = ["dense", "streaming", "a_shape", "vertical_slash", "flexprefill", "sa
 
 
 def median_ms(fn, reps=10, warmup=2):
-    for _ in range(warmup):
-        fn()
-    if not torch.cuda.is_available():  # CPU dry runs: wall clock
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return sorted(times)[len(times) // 2]
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median milliseconds (CUDA events on the GPU, wall clock on the CPU) via sparsa.bench.speed.measure."""
+    from sparsa.bench.speed import measure
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return measure(fn, device, warmup=warmup, reps=reps, min_reps=min(reps, 3))[0]
 
 
 def model_activations(model, tokenizer, length: int):

@@ -1,47 +1,20 @@
 """HiP prefill selector: exact at a full budget, sparser as the budget shrinks, finds planted structure."""
 
-import copy
 import math
 
 import pytest
 import torch
-import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparsa
 import sparsa.prefill.hip  # noqa: F401  (registers "hip" until the package imports it)
+from selector_checks import assert_padding_ignored, check_rows as _check_rows, dense_causal as _dense_causal, \
+    random_qkv as _qkv
 from dense_reference import dense_attention, token_mask_of
 from sparsa.ops import block_sparse_attention
 from sparsa.pattern import last_visible_block
 from sparsa.prefill.hip import HiP
-
-
-def _qkv(batch, hq, hkv, lq, lk, dim=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, hq, lq, dim, generator=g)
-    k = torch.randn(batch, hkv, lk, dim, generator=g)
-    v = torch.randn(batch, hkv, lk, dim, generator=g)
-    return q, k, v
-
-
-def _dense_causal(q, k, v):
-    """Bottom-right aligned causal attention (queries are the last Lq positions), float64."""
-    lq, lk = q.shape[2], k.shape[2]
-    mask = torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
-    return dense_attention(q, k, v, mask.expand(q.shape[0], q.shape[1], lq, lk))[0]
-
-
-def _check_rows(pattern):
-    """validate() passes and every query block computes its diagonal (last visible) key block."""
-    pattern.validate()
-    assert bool((pattern.kv_num_blocks >= 1).all())
-    blocks = pattern.to_block_mask()
-    last = last_visible_block(pattern.q_len, pattern.kv_len, pattern.block_q, pattern.block_k)
-    diag = blocks.gather(-1, last.view(1, 1, -1, 1).expand(*blocks.shape[:3], 1))
-    assert bool(diag.all())
-    causal = torch.arange(pattern.num_kv_blocks)[None, :] <= last[:, None]
-    assert not bool((blocks & ~causal).any()), "a block after the diagonal was selected"
 
 
 GEOMETRIES = [(333, 333), (300, 700), (77, 1000)]
@@ -171,42 +144,15 @@ def test_ignores_padded_keys(lq):
     rows = last - 1 > n_pad // bs  # the window (blocks last-1, last) is past the padding
     assert int(rows.sum()) > 10
     padded_only = slice(1, n_pad // bs)  # block 0 is the forced sink
-    assert not bool(pattern.to_block_mask()[1, :, rows, padded_only].any()), "a padding-only block was picked"
-    unmasked = sel.select(q, k)
-    # the test can fail: without the mask, the same inputs do pick some of them
-    assert bool(unmasked.to_block_mask()[1, :, rows, padded_only].any())
-    # no padding in sequence 0 (or an all-True mask): exactly the unmasked pattern
-    assert torch.equal(pattern.to_block_mask()[0], unmasked.to_block_mask()[0])
-    assert torch.equal(sel.select(q, k, key_padding_mask=torch.ones_like(pad)).to_block_mask(),
-                       unmasked.to_block_mask())
-    assert sel.pattern(q, k, key_padding_mask=pad).to_block_mask().equal(pattern.to_block_mask())
-    out = block_sparse_attention(q, k, v, pattern, key_padding_mask=pad, backend="reference")
-    assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :, max(n_pad - (lk - lq), 0):]).all()
+    assert_padding_ignored(sel, q, k, v, pad, rows, padded_only, n_pad)
 
 
 # -------------------------------------------------------------------------------------- Hugging Face path
-def _tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    ref = transformers.LlamaForCausalLM(config).eval()
-    ours = copy.deepcopy(ref)
-    ours.set_attn_implementation("sparsa")
-    return ref, ours
-
-
-def _padded_batch(length=150, pad=37, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 96, (2, length), generator=g)
-    mask = torch.ones(2, length, dtype=torch.long)
-    mask[1, :pad] = 0  # left padding
-    return ids, mask
-
-
 def test_through_hugging_face_with_left_padding():
-    ref, ours = _tiny_llama()
-    ids, mask = _padded_batch()
+    from test_hf import _inputs, _pair
+
+    ref, ours = _pair("llama", seed=0)
+    ids, mask = _inputs(length=150, pad=37, seed=1)
     sparsa.configure(ours, prefill="hip", dense_below=0, block=16, mask_k=32, sliding_window=16)
     with torch.no_grad():
         logits = ours(ids, attention_mask=mask).logits

@@ -90,6 +90,13 @@ def check_int(obj, field: str, minimum: int = 1):
         raise ValueError(f"{obj.name}: {field} must be an int >= {minimum}, got {value!r}")
 
 
+def check_samples(obj, field: str = "query_samples"):
+    """An int in [1, block]: queries sampled per query block."""
+    check_int(obj, field)
+    if getattr(obj, field) > obj.block:
+        raise ValueError(f"{obj.name}: {field} must be <= block ({obj.block}), got {getattr(obj, field)}")
+
+
 def check_block(obj, field: str = "block"):
     value = getattr(obj, field)
     if not isinstance(value, int) or value < 16 or value & (value - 1):

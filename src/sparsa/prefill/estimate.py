@@ -30,6 +30,14 @@ def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float,
     return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale, key_padding_mask=key_padding_mask)
 
 
+def sample_rows(q_len: int, block: int, samples: int, device) -> Tensor:
+    """``[Qb, S]`` local query indices: ``samples`` evenly spaced queries per query block, ending at the
+    block's last query (the one that sees every key block the block may select)."""
+    s = torch.arange(samples, device=device)
+    offs = (block - 1) - ((samples - 1 - s) * block) // samples
+    return (torch.arange(-(-q_len // block), device=device)[:, None] * block + offs).clamp(max=q_len - 1)
+
+
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     """Bool ``[..., N]``: the ``count`` highest entries per row (``count`` broadcastable), plus the first
     ``forced`` entries always."""

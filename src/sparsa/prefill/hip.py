@@ -59,7 +59,8 @@ from torch import Tensor
 
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
-from .base import Selector, check_block, check_int
+from .base import Selector, check_block, check_int, check_samples
+from .estimate import sample_rows
 
 
 @register("prefill", "hip")
@@ -81,9 +82,7 @@ class HiP(Selector):
         check_int(self, "sliding_window", minimum=0)
         check_int(self, "sink", minimum=0)
         check_block(self)
-        check_int(self, "query_samples")
-        if self.query_samples > self.block:
-            raise ValueError(f"{self.name}: query_samples must be <= block ({self.block}), got {self.query_samples}")
+        check_samples(self)
 
     @property
     def topk_blocks(self) -> int:
@@ -160,11 +159,9 @@ class HiP(Selector):
     def _query_samples(self, q: Tensor, hkv: int, lk: int) -> tuple[Tensor, Tensor]:
         """``[B, Hkv, G, Qb, S, D]`` float32 sampled queries and their positions ``[Qb, S]``."""
         batch, hq, lq, dim = q.shape
-        bs, samples = self.block, self.query_samples
-        qb = -(-lq // bs)
-        s = torch.arange(samples, device=q.device)
-        offs = (bs - 1) - ((samples - 1 - s) * bs) // samples  # evenly spaced, ending at the block's last query
-        rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
+        samples = self.query_samples
+        rows = sample_rows(lq, self.block, samples, q.device)  # [Qb, S]
+        qb = rows.shape[0]
         rep = q.index_select(2, rows.flatten()).float()
         return rep.view(batch, hkv, hq // hkv, qb, samples, dim), rows + (lk - lq)
 

@@ -54,7 +54,8 @@ from torch import Tensor
 
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
-from .base import Selector, check_block, check_int
+from .base import Selector, check_block, check_int, check_samples
+from .estimate import sample_rows
 
 
 @register("prefill", "longheads")
@@ -82,9 +83,7 @@ class LongHeads(Selector):
             raise ValueError(f"{self.name}: atten_length must be a multiple of window_size ({self.window_size}), "
                              f"got {self.atten_length}")
         check_int(self, "begin_selective_length", minimum=0)
-        check_int(self, "query_samples")
-        if self.query_samples > self.block:
-            raise ValueError(f"{self.name}: query_samples must be <= block ({self.block}), got {self.query_samples}")
+        check_samples(self)
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         batch, hq, lq, dim = q.shape
@@ -169,10 +168,8 @@ class LongHeads(Selector):
         weights = torch.softmax(logits, -1)
         chunk_key = torch.einsum("bhcw,bhcwd->bhcd", weights.to(kc.dtype), kc).float()  # [B, Hkv, C, D]
 
-        qb = -(-lq // bs)
-        s = torch.arange(samples, device=q.device)
-        offs = (bs - 1) - ((samples - 1 - s) * bs) // samples  # evenly spaced, ending at the block's last query
-        rows = (torch.arange(qb, device=q.device)[:, None] * bs + offs).clamp(max=lq - 1)  # [Qb, S]
+        rows = sample_rows(lq, bs, samples, q.device)  # [Qb, S]
+        qb = rows.shape[0]
         rep = q.index_select(2, rows.flatten()).view(batch, hkv, hq // hkv, qb, samples, dim)
         if key_padding_mask is not None:
             q_real = real[:, rows + (lk - lq)][:, None, None, :, :, None]  # [B, 1, 1, Qb, S, 1]
