@@ -28,5 +28,20 @@ case "${1:-}" in
     timeout 230 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | tail -40
     ;;
-  *) echo "usage: $0 kernels|train|bench" >&2; exit 2 ;;
+  train-kernels)  # nvidia-h200-x2: ref-small continues on GPU 1 while GPU 0 runs the kernel checks and timings
+    (CUDA_VISIBLE_DEVICES=1 python -m sparsa.models.train --config ref-small-continue --out /tmp/m/ref-small \
+       > "$OUT/small.log" 2>&1) & TP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 110 python benchmarks/fastpath_probe.py 2>&1
+    timeout 170 python benchmarks/gpu_check.py --lengths 4096,8192,16384,32768 --jsonl "$OUT/check.jsonl" 2>&1 \
+      | grep -v Warning | tail -34
+    timeout 100 python benchmarks/speed.py --lengths 8192,32768,131072 --densities 0.1,0.05 --time-limit 90 \
+      --sdpa-backends flash,cudnn --jsonl "$OUT/speed.jsonl" 2>&1 | tail -25
+    timeout 130 python benchmarks/prefill_speed.py --lengths 8192,32768 --ttft "" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning | tail -24
+    wait $TP
+    tail -6 "$OUT/small.log"
+    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
+    ;;
+  *) echo "usage: $0 kernels|train|train-kernels|bench" >&2; exit 2 ;;
 esac

@@ -111,8 +111,23 @@ def selectors(lengths, device="cuda"):
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
 
+        def sdpa_cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        def sdpa_default():  # what transformers' "sdpa" gets: torch's own backend choice
+            return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
         base = bench(sdpa)
         rows.append(dict(part="selectors", length=n, method="sdpa_flash", ms=base, ratio_vs_sdpa=1.0, density=1.0))
+        for label, fn in (("sdpa_cudnn", sdpa_cudnn), ("sdpa_default", sdpa_default)):
+            try:
+                ms = bench(fn)
+                rows.append(dict(part="selectors", length=n, method=label, ms=ms, ratio_vs_sdpa=base / ms,
+                                 density=1.0))
+            except RuntimeError as e:
+                rows.append(dict(part="selectors", length=n, method=label, ms=float("nan"), ratio_vs_sdpa=0.0,
+                                 density=1.0, error=str(e)[:100]))
         for name in names:
             sel = registry.create("prefill", name)
 

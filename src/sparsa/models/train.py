@@ -62,6 +62,8 @@ class TrainConfig:
     eval_lengths: list = field(default_factory=list)
     eval_samples: int = 20
     workers: int = 8
+    init_from: str | None = None  # continue from this checkpoint (a bundled model name or a directory)
+    short_frac: float = 0.5  # task samples are drawn between short_frac * length and length tokens
 
     @classmethod
     def load(cls, name_or_path: str) -> "TrainConfig":
@@ -174,7 +176,7 @@ class Batches(torch.utils.data.IterableDataset):
             segs = None
             if progress >= cfg.bootstrap_frac and rng.random() >= cfg.copy_share and made:
                 name = rng.choices(list(cfg.tasks), weights=list(cfg.tasks.values()))[0]
-                target = rng.randint(max(length // 2, min(1024, length)), length)
+                target = rng.randint(max(int(length * cfg.short_frac), min(1024, length)), length)
                 try:
                     segs = task_sample(made[name], rng, target - 16, tokenizer)
                 except ValueError:  # too short for this task's fixed text: use a copy sample instead
@@ -220,6 +222,18 @@ def build_model(cfg: TrainConfig):
     return LlamaForCausalLM(config)
 
 
+def load_weights(name_or_dir: str) -> dict:
+    """fp32 state dict of a bundled model (``ref-small``) or a model directory, to continue training from."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(name_or_dir)
+    if not path.exists():
+        path = Path(__file__).parent / name_or_dir
+    if not (path / "config.json").exists():
+        raise ValueError(f"init_from: no model at {name_or_dir!r} (a bundled model name or a directory)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr_frac`` over the training progress."""
     if step < cfg.warmup:
@@ -241,7 +255,10 @@ def loss_fn(logits, ids, answer, real, prompt_weight):
 def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if cfg.init_from:
+        model.load_state_dict(load_weights(cfg.init_from), strict=False)  # tied lm_head is not stored
+    model = model.to(device)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
