@@ -83,7 +83,7 @@ def attention_rows(q, k, v, methods, length):
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
             total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0))
             estimate = median_ms(lambda: sel.select(q, k, layer_idx=0)) if name != "hyper" else None
-            rows.append(dict(length=length, method=name, ms=total, estimate_ms=estimate, density=density,
+            rows.append(dict(length=length, method=name, ms=total, estimate_ms=estimate, density=float(density),
                              rel_err=err))
         except Exception as e:  # a method that fails at one size must not stop the table
             rows.append(dict(length=length, method=name, error=f"{type(e).__name__}: {str(e)[:200]}"))

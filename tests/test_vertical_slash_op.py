@@ -19,6 +19,7 @@ pytestmark = pytest.mark.skipif(not triton_available() or (not torch.cuda.is_ava
     (2, 4, 2, 24, 333, 64, torch.float32),
     (1, 8, 1, 64, 130, 128, torch.float32),
     (2, 4, 4, 7, 97, 48, torch.bfloat16),
+    (1, 2, 1, 150, 2300, 32, torch.float32),  # three probe tiles, three key splits (16 tiles of 64 each)
 ])
 def test_triton_matches_naive(b, hq, hkv, p, lk, d, dtype):
     g = torch.Generator().manual_seed(b * 100 + lk)

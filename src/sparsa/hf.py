@@ -182,6 +182,9 @@ def stats(model, prefill: bool = False) -> dict:
 
 
 def _summarize(records: list) -> dict:
+    for r in records:  # densities are recorded as device tensors (no sync per layer); read them once here
+        if isinstance(r["density"], Tensor):
+            r["density"] = float(r["density"])
     visible = sum(r["visible_blocks"] for r in records)
     computed = sum(r["visible_blocks"] * r["density"] for r in records)
     return {

@@ -173,10 +173,11 @@ class BlockPattern:
         if mask.dtype != torch.bool or mask.shape[-2:] != (qb, kb):
             raise ValueError(f"mask must be bool [..., {qb}, {kb}] for these lengths and blocks, got {_describe(mask)}")
         num = mask.sum(-1, dtype=torch.int32)
-        k_max = max(int(num.max()) if num.numel() else 0, 1)
+        # Index lists as wide as the key blocks: trimming them to the longest row would need a device sync.
+        k_max = kb
         col = torch.arange(kb, device=mask.device)
         # Selected columns sort first, in increasing order; the rest is padding past kv_num_blocks.
-        order = torch.sort(torch.where(mask, col, kb + col), dim=-1).values[..., :k_max]
+        order = torch.sort(torch.where(mask, col, kb + col), dim=-1).values
         valid = torch.arange(k_max, device=mask.device) < num[..., None]
         idx = torch.where(valid, order, 0).to(torch.int32)
         full = None
@@ -208,10 +209,15 @@ class BlockPattern:
 
         Cached on the pattern (it is immutable): a static pattern shared by every layer is measured once.
         """
+        return float(self.density_tensor(causal))
+
+    def density_tensor(self, causal: bool = True) -> Tensor:
+        """``density()`` as a 0-dim tensor on the pattern's device, computed without a host sync (the forward
+        pass records it per layer; ``float()`` happens only when someone reads ``sparsa.stats``)."""
         cache = self.__dict__.setdefault("_density", {})
         if causal not in cache:
             total, picked = self._visible_counts(causal)
-            cache[causal] = float(picked.sum()) / max(float(total) * picked.numel(), 1.0)
+            cache[causal] = picked.sum() / max(float(total) * picked.numel(), 1.0)
         return cache[causal]
 
     def density_per_head(self, causal: bool = True) -> Tensor:
@@ -225,7 +231,9 @@ class BlockPattern:
         if causal:
             last = last_visible_block(self.q_len, self.kv_len, self.block_q, self.block_k, self.device)
             valid = valid & (idx <= last[:, None])
-            total = int((last + 1).clamp(max=self.num_kv_blocks).sum())
+            # The visible-tile count is arithmetic on the lengths: computed on the CPU, no device sync.
+            last_cpu = last_visible_block(self.q_len, self.kv_len, self.block_q, self.block_k, "cpu")
+            total = int((last_cpu + 1).clamp(max=self.num_kv_blocks).sum())
         else:
             total = self.num_q_blocks * self.num_kv_blocks
         return total, valid.sum((-1, -2)).double()

@@ -35,7 +35,9 @@ def passing_tiles_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, row_ptr, col_ptr, need_pt
             j = c * BLOCK + tl.arange(0, BLOCK)
             cols_ok = j < LK
             k = tl.load(k_base + j[:, None] * D + d[None, :], mask=cols_ok[:, None] & (d < D)[None, :], other=0)
-            dots = tl.dot(q, tl.trans(k)).to(tl.float32)  # int8 x int8 -> int32 on tensor cores
+            # Integer values in fp16, fp32 accumulation: exact (|q.k| <= 127 * 127 * D < 2**24). An int8 x int8
+            # dot faulted on the H200 (cudaErrorInvalidAddressSpace, triton 3.6, 2026-11-29).
+            dots = tl.dot(q.to(tl.float16), tl.trans(k.to(tl.float16)), out_dtype=tl.float32)
             k_scale = tl.load(ks_ptr + (b * (HQ // GROUP) + kv) * KB + c)
             col = tl.load(col_ptr + bh * LK + j, mask=cols_ok, other=0.0)
             est = (dots * q_scale[:, None] * k_scale + row[:, None] + col[None, :]) * SCALE

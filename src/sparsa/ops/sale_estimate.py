@@ -9,7 +9,7 @@ block ``c`` have
 (queries are the last ``Lq`` of the ``Lk`` positions; keys after a query never count).
 
 ``naive``: plain PyTorch over chunks of query rows (linear memory, quadratic work). ``triton``: one program
-per (head, query block) walking the visible key blocks with int8 tensor-core dot products, nothing larger
+per (head, query block) walking the visible key blocks with tensor-core dot products of the integer values (exact in fp16), nothing larger
 than a tile in memory; on CUDA, and on the CPU under ``TRITON_INTERPRET=1`` for tests.
 """
 

@@ -75,20 +75,35 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None):
         q_probe, k = q_probe.float(), k.float()
     q_probe, k = q_probe.contiguous(), k.contiguous()
     q_pos = q_pos.to(device=k.device, dtype=torch.int32).contiguous()
-    block_p = max(16, triton.next_power_of_2(p))
+    block_p = max(16, min(64, triton.next_power_of_2(p)))  # probe rows per tile (registers bound it)
+    p_tiles = triton.cdiv(p, block_p)
+    p_pad = p_tiles * block_p
     block_d = max(16, triton.next_power_of_2(d))
     block_n = 64
-    row_max = torch.empty(b * hq, block_p, dtype=torch.float32, device=k.device)
-    row_sum = torch.empty_like(row_max)
+    # Key splits of TILES tiles each: enough programs to fill the GPU at every length, one compiled kernel.
+    tiles = 16
+    nsplit = triton.cdiv(lk, block_n * tiles)
+    part_max = torch.empty(b * hq, p_pad, nsplit, dtype=torch.float32, device=k.device)
+    part_sum = torch.empty_like(part_max)
     # Key padding as a per-key additive bias (0 or -inf), read with each key tile.
     bias = torch.zeros(b, lk, dtype=torch.float32, device=k.device)
     if key_padding_mask is not None:
         bias.masked_fill_(~key_padding_mask.to(k.device), float("-inf"))
-    common = dict(P=p, D=d, LK=lk, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e),
-                  BLOCK_P=block_p, BLOCK_D=block_d, BLOCK_N=block_n, LK_LOOP=max(block_n, triton.next_power_of_2(lk)))
-    stats_pass[(b * hq,)](q_probe, k, q_pos, bias, row_max, row_sum, **common)
-    vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
+    common = dict(D=d, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e), BLOCK_P=block_p, BLOCK_D=block_d,
+                  BLOCK_N=block_n)
+    stats_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, part_max, part_sum, p, p_pad, lk, TILES=tiles,
+                                          **common)
+    row_max, row_sum = _merge_splits(part_max, part_sum)
+    vertical = torch.empty(b, hq, lk, dtype=torch.float32, device=k.device)
     slash = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
     column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash,
-                                                     **common)
+                                                     p, p_pad, lk, P_TILES=p_tiles, **common)
     return vertical, slash
+
+
+def _merge_splits(part_max: Tensor, part_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """Per probe, the softmax max and normaliser (log2 units) over all key splits: ``[..., S] -> [...]``."""
+    row_max = part_max.amax(-1)
+    safe = torch.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = (part_sum * torch.exp2(part_max - safe[..., None])).sum(-1)
+    return row_max.contiguous(), row_sum.contiguous()

@@ -64,8 +64,9 @@ class Selector:
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
                key_padding_mask: Tensor | None = None, backend: str = "auto",
-               layer_idx: int | None = None) -> tuple[Tensor, float]:
-        """Causal attention under this method: ``(out [B, Hq, Lq, Dv], density)``.
+               layer_idx: int | None = None) -> tuple[Tensor, "float | Tensor"]:
+        """Causal attention under this method: ``(out [B, Hq, Lq, Dv], density)``; the density may be a 0-dim
+        tensor (read it with ``float()``), so the forward pass never waits on the device to report it.
 
         Pattern methods need not override it. A method whose computation is not one block pattern (e.g.
         HyperAttention's sorted buckets merged by log-sum-exp) overrides it and reports the fraction of causal
@@ -76,7 +77,7 @@ class Selector:
         pattern = self.pattern(q, k, layer_idx=layer_idx, key_padding_mask=key_padding_mask)
         out = block_sparse_attention(q, k, v, pattern, causal=True, scale=scale, key_padding_mask=key_padding_mask,
                                      backend=backend, validate=False)
-        return out, pattern.density()
+        return out, pattern.density_tensor()
 
 
 @functools.lru_cache(maxsize=None)

@@ -45,10 +45,10 @@ def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     order = torch.argsort(scores, dim=-1, descending=True)
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
-    count = torch.as_tensor(count, device=scores.device)
-    while count.dim() < scores.dim():
-        count = count.unsqueeze(-1)
-    keep = rank < count
+    if isinstance(count, Tensor):
+        while count.dim() < scores.dim():
+            count = count.unsqueeze(-1)
+    keep = rank < count  # a Python int stays a scalar: no host-to-device copy (a sync on CUDA)
     if forced:
         keep[..., :forced] = True
     return keep

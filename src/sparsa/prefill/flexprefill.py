@@ -82,10 +82,17 @@ class FlexPrefill(Selector):
         return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
 
     def _probe_index(self, lq: int, device) -> Tensor:
-        """Local indices of the probe queries: ``probe_blocks`` blocks spread evenly, the last one included."""
-        bs = min(self.block, lq)
-        ends = torch.linspace(lq, bs, steps=self.probe_blocks).round().long().unique()
-        return (ends[:, None] - bs + torch.arange(bs)[None, :]).flatten().to(device)
+        """Local indices of the probe queries: ``probe_blocks`` blocks spread evenly, the last one included.
+        Cached per length and device: every layer of a pass probes the same rows, and building them on the CPU
+        costs a host-to-device copy (a sync on CUDA)."""
+        cache = self.__dict__.setdefault("_probe_cache", {})
+        key = (lq, str(device))
+        if key not in cache:
+            bs = min(self.block, lq)
+            ends = torch.linspace(lq, bs, steps=self.probe_blocks).round().long().unique()
+            cache.clear()
+            cache[key] = (ends[:, None] - bs + torch.arange(bs)[None, :]).flatten().to(device)
+        return cache[key]
 
     def _js_distance(self, q, k, v_blocks, scale, lq, lk) -> Tensor:
         """sqrt(JS) between softmax(mean of the last query block . block-mean keys) and the probed vertical mass."""
