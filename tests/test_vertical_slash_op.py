@@ -64,7 +64,7 @@ def test_selectors_give_the_same_pattern_with_the_triton_estimate(monkeypatch):
                  FlexPrefill(gamma=0.6, min_budget=32, block=32)]
     want = [s.select(q, k).to_block_mask() for s in selectors]
     real = op.vertical_slash_scores
-    monkeypatch.setattr(op, "vertical_slash_scores", lambda *a, **kw: real(*a, backend="triton"))
+    monkeypatch.setattr(op, "vertical_slash_scores", lambda *a, **kw: real(*a, **{**kw, "backend": "triton"}))
     got = [s.select(q, k).to_block_mask() for s in selectors]
     for a, b in zip(want, got):
         assert torch.equal(a, b)
@@ -84,3 +84,26 @@ def test_padded_keys_get_no_probability():
     assert float(want[0][1, :, :90].abs().sum()) == 0.0
     # Probes that see only padding contribute nothing; the others still sum to one each.
     torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("slash_block,probes", [(16, "tail"), (32, "tail"), (16, "scattered")])
+def test_banded_slash_matches_pooled_reference(slash_block, probes):
+    """Diagonal sums pooled in bands (three atomics per tile, the rest one by one) equal the pooled reference."""
+    g = torch.Generator().manual_seed(slash_block)
+    b, hq, hkv, lk, d = 2, 4, 2, 700, 32
+    q_pos = torch.arange(lk - 90, lk) if probes == "tail" else torch.cat([torch.arange(100, 130), torch.arange(650, 700)])
+    q = torch.randn(b, hq, len(q_pos), d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    pad = torch.ones(b, lk, dtype=torch.bool)
+    pad[1, :50] = False
+    want_v, want_s = vertical_slash_scores_naive(q, k, q_pos, d ** -0.5, key_padding_mask=pad)
+    got_v, got_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="triton", key_padding_mask=pad,
+                                         slash_block=slash_block)
+    pooled = torch.nn.functional.pad(want_s, (0, -lk % slash_block)).view(b, hq, -1, slash_block).sum(-1)
+    torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_s, pooled, atol=1e-5, rtol=1e-5)
+    naive_v, naive_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="naive", key_padding_mask=pad,
+                                             slash_block=slash_block)
+    torch.testing.assert_close(naive_s, pooled)
+    with pytest.raises(ValueError, match="slash_block"):
+        vertical_slash_scores(q, k, q_pos, 0.2, slash_block=0)

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import random
+import string
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,11 +86,25 @@ def _number(rng, digits=7):
     return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
 
+def _list_item(rng):
+    """A word, a number, or a random run of upper- or lowercase letters. The tasks' only random letters are
+    vt's 5-letter uppercase names; with words and numbers alone the copy circuit learned to copy digits only
+    (a teacher-forced vt answer stayed at ln 26 nats per letter), so vt never got off the ground."""
+    r = rng.random()
+    if r < 0.3:
+        return rng.choice(WORDS)
+    if r < 0.6:
+        return _number(rng, rng.randint(2, 7))
+    letters = string.ascii_uppercase if r < 0.85 else string.ascii_lowercase
+    return "".join(rng.choices(letters, k=rng.randint(2, 7)))
+
+
 def copy_list_sample(rng, length):
-    """A random list, then the same list again: teaches the copy (induction) circuit."""
+    """A random list, then the same list again: teaches the copy (induction) circuit, for letters as well as
+    digits."""
     items = []
     while len(" ".join(items)) * 2 + 20 < length:
-        items.append(rng.choice(WORDS) if rng.random() < 0.5 else _number(rng, rng.randint(2, 7)))
+        items.append(_list_item(rng))
     items = items or ["x"]
     text = " ".join(items)
     return [(f"List: {text}\nRepeat the list: ", False), (text + "\n", True)]

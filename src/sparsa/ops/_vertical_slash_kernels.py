@@ -68,11 +68,14 @@ def stats_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, P, P_PAD, LK, 
 
 
 @triton.jit
-def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P, P_PAD, LK,
+def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P, P_PAD, LK, SLASH_LEN,
                 D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr,
-                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, P_TILES: tl.constexpr):
+                BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, P_TILES: tl.constexpr,
+                SLASH_BLOCK: tl.constexpr):
     """Pass 2, program (head, key tile): normalised probabilities of every probe tile over the key tile;
-    column sums stored, diagonal sums added atomically."""
+    column sums stored, diagonal sums added atomically -- per diagonal (``SLASH_BLOCK`` 1), or per band of
+    ``SLASH_BLOCK`` diagonals, where a tile of consecutive probes touches at most three bands: three sums and
+    three atomics instead of one atomic per probability."""
     bh = tl.program_id(0)
     start = tl.program_id(1) * BLOCK_N
     col = tl.zeros([BLOCK_N], tl.float32)
@@ -87,6 +90,15 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
             prob = tl.where(keep, tl.exp2(s - row_max[:, None]) / row_sum[:, None], 0.0)
             col += tl.sum(prob, 0)
             offset = pos[:, None] - n[None, :]
-            tl.atomic_add(slash_ptr + bh * LK + offset, prob, mask=keep)
+            if SLASH_BLOCK == 1:
+                tl.atomic_add(slash_ptr + bh * SLASH_LEN + offset, prob, mask=keep)
+            else:
+                band = tl.where(keep, offset, 0) // SLASH_BLOCK
+                low = tl.min(tl.where(keep, band, 1 << 30))
+                for j in range(0, 3):
+                    part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
+                    tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)
+                # Scattered probes can reach further bands: those go one by one.
+                tl.atomic_add(slash_ptr + bh * SLASH_LEN + band, prob, mask=keep & (band > low + 2))
     n = start + tl.arange(0, BLOCK_N)
     tl.store(vert_ptr + bh * LK + n, col, mask=n < LK)

@@ -22,7 +22,8 @@ from torch import Tensor
 
 
 def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float,
-                                key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                key_padding_mask: Tensor | None = None,
+                                slash_block: int = 1) -> tuple[Tensor, Tensor]:
     """Plain PyTorch. ``q_probe [B, Hq, P, D]``, ``k [B, Hkv, Lk, D]``, ``q_pos [P]`` absolute positions,
     ``key_padding_mask [B, Lk]`` (True = real key)."""
     b, hq, p, d = q_probe.shape
@@ -39,7 +40,15 @@ def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale
     offset = (q_pos[:, None] - k_idx[None, :]).clamp(min=0)
     slash = torch.zeros(b, hq, lk, dtype=probs.dtype, device=k.device)
     slash.scatter_add_(-1, offset.flatten().expand(b, hq, -1), probs.flatten(-2))
-    return vertical, slash
+    return vertical, pool_sum(slash, slash_block)
+
+
+def pool_sum(x: Tensor, block: int) -> Tensor:
+    """Sums over consecutive groups of ``block`` entries of the last dim: ``[..., L] -> [..., ceil(L / block)]``."""
+    if block == 1:
+        return x
+    n = x.shape[-1]
+    return torch.nn.functional.pad(x, (0, -n % block)).view(*x.shape[:-1], -1, block).sum(-1)
 
 
 def triton_available() -> bool:
@@ -51,19 +60,24 @@ def triton_available() -> bool:
 
 
 def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float, backend: str = "auto",
-                          key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Column and diagonal sums ``([B, Hq, Lk], [B, Hq, Lk])`` float32; ``backend``: auto | triton | naive.
+                          key_padding_mask: Tensor | None = None,
+                          slash_block: int = 1) -> tuple[Tensor, Tensor]:
+    """Column and diagonal sums ``([B, Hq, Lk], [B, Hq, ceil(Lk / slash_block)])`` float32; with
+    ``slash_block`` > 1 the diagonal sums come pooled in bands of that many diagonals (``o // slash_block``),
+    which is all block-level selectors need and far cheaper on the GPU. ``backend``: auto | triton | naive.
     Padded keys (``key_padding_mask`` False) get no probability."""
+    if not isinstance(slash_block, int) or slash_block < 1:
+        raise ValueError(f"slash_block must be an int >= 1, got {slash_block!r}")
     if backend == "auto":
         backend = "triton" if q_probe.is_cuda and triton_available() else "naive"
     if backend == "naive":
-        return vertical_slash_scores_naive(q_probe, k, q_pos, scale, key_padding_mask)
+        return vertical_slash_scores_naive(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-    return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask)
+    return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
 
 
-def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None):
+def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1):
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
@@ -95,9 +109,11 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None):
                                           **common)
     row_max, row_sum = _merge_splits(part_max, part_sum)
     vertical = torch.empty(b, hq, lk, dtype=torch.float32, device=k.device)
-    slash = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
+    slash_len = triton.cdiv(lk, slash_block)
+    slash = torch.zeros(b, hq, slash_len, dtype=torch.float32, device=k.device)
     column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash,
-                                                     p, p_pad, lk, P_TILES=p_tiles, **common)
+                                                     p, p_pad, lk, slash_len, P_TILES=p_tiles,
+                                                     SLASH_BLOCK=slash_block, **common)
     return vertical, slash
 
 

@@ -2,7 +2,8 @@
 
 - ``probe_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of a few probe queries'
   causal softmax attention over all keys (``sparsa.ops.vertical_slash``: Triton on CUDA, PyTorch reference);
-- ``vertical_slash_tiles``: the tiles that selected columns and diagonals touch, as a ``[B, H, Qb, Kb]`` map.
+- ``band_tiles`` / ``block_tiles``: the tiles that selected key blocks and diagonal bands touch, as a
+  ``[B, H, Qb, Kb]`` map.
 
 Memory is linear in the key length (probe rows x keys) plus block-level maps.
 """
@@ -22,12 +23,29 @@ def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
 
 
 def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float,
-                 key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Vertical and slash scores ``[B, Hq, Lk]`` of the queries at local indices ``q_index``."""
+                 key_padding_mask: Tensor | None = None, slash_block: int = 1) -> tuple[Tensor, Tensor]:
+    """Vertical scores ``[B, Hq, Lk]`` and slash scores ``[B, Hq, ceil(Lk / slash_block)]`` (diagonals summed in
+    bands of ``slash_block``) of the queries at local indices ``q_index``."""
     from ..ops.vertical_slash import vertical_slash_scores
 
     q_pos = q_index + (k.shape[2] - q.shape[2])
-    return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale, key_padding_mask=key_padding_mask)
+    return vertical_slash_scores(q[:, :, q_index], k, q_pos, scale, key_padding_mask=key_padding_mask,
+                                 slash_block=slash_block)
+
+
+def pool_blocks(x: Tensor, length: int, block: int) -> Tensor:
+    """Sum over blocks of the last dim: ``[..., L] -> [..., ceil(L / block)]``."""
+    kb = -(-length // block)
+    return torch.nn.functional.pad(x, (0, kb * block - length)).view(*x.shape[:-1], kb, block).sum(-1)
+
+
+def band_tiles(col_blocks: Tensor, bands: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
+    """``[B, H, Qb, Kb]`` tiles of selected key blocks and selected diagonal bands (``[B, H, Kb]`` bool each;
+    band ``d`` holds the token diagonals ``d * block .. (d + 1) * block - 1``). Band ``d`` crosses query block
+    ``r`` in key blocks ``L_r - d`` and the one before it, so both block-diagonals are computed."""
+    kb = col_blocks.shape[-1]
+    diag = bands | torch.nn.functional.pad(bands, (1, 0))[..., :kb]
+    return block_tiles(col_blocks, diag, q_len, kv_len, block)
 
 
 def sample_rows(q_len: int, block: int, samples: int, device) -> Tensor:
@@ -52,30 +70,6 @@ def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     if forced:
         keep[..., :forced] = True
     return keep
-
-
-def vertical_slash_tiles(columns: Tensor, diagonals: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
-    """``[B, H, Qb, Kb]`` tiles touched by selected key columns ``[B, H, Lk]`` and diagonals ``[B, H, Lk]``.
-
-    Diagonal ``o`` (``key = query - o``) crosses query block ``r`` in key blocks ``L_r - o // block`` and the
-    one before it (``L_r``: the block of the row's last visible key), so token diagonals become block-diagonals
-    (exact when the query offset is a multiple of the block, a superset otherwise).
-    """
-    kb = -(-kv_len // block)
-    col_blocks = _any_per_block(columns, kv_len, block)
-    hit = torch.zeros(*diagonals.shape[:2], kb, dtype=torch.int32, device=diagonals.device)
-    hit.scatter_add_(-1, (torch.arange(kv_len, device=diagonals.device) // block).expand_as(diagonals),
-                     diagonals.to(torch.int32))
-    band = hit > 0
-    band = band | torch.nn.functional.pad(band, (1, 0))[..., :kb]  # and the block-diagonal after each
-    return block_tiles(col_blocks, band, q_len, kv_len, block)
-
-
-def _any_per_block(x: Tensor, length: int, block: int) -> Tensor:
-    kb = -(-length // block)
-    padded = torch.zeros(*x.shape[:-1], kb * block, dtype=torch.bool, device=x.device)
-    padded[..., :length] = x
-    return padded.view(*x.shape[:-1], kb, block).any(-1)
 
 
 def block_tiles(col_blocks: Tensor, diag_blocks: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor
 from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import block_tiles, force_sink_and_diagonal, group_queries, probe_scores, top_indices
+from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores, top_indices
 
 
 @register("prefill", "flexprefill")
@@ -64,18 +64,19 @@ class FlexPrefill(Selector):
             return BlockPattern.dense(lq, lk, block_q=bs, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_index = self._probe_index(lq, q.device)
-        vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask)  # [B, Hq, Lk]
+        # Column scores [B, Hq, Lk]; diagonal scores summed in bands of `block` diagonals [B, Hq, Kb].
+        vertical, s_blocks = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=bs)
         mass = vertical.sum(-1, keepdim=True).clamp(min=1e-12)
-        vertical, slash = vertical / mass, slash / mass  # each sums to 1 per head
+        vertical, s_blocks = vertical / mass, s_blocks / mass  # each sums to 1 per head
         kb = -(-lk // bs)
-        v_blocks, s_blocks = _pool(vertical, lk, bs), _pool(slash, lk, bs)
+        v_blocks = pool_blocks(vertical, lk, bs)
         lo, hi = max(self.min_budget // bs, 1), kb if self.max_budget is None else max(self.max_budget // bs, 1)
         n_v = (_cover(vertical, self.gamma) // bs + 1).clamp(lo, hi)
-        n_s = (_cover(slash, self.gamma) // bs + 1).clamp(lo, hi)
-        vs_tiles = block_tiles(top_indices(v_blocks, n_v), top_indices(s_blocks, n_s), lq, lk, bs)
+        n_s = _cover(s_blocks, self.gamma).clamp(lo, hi)  # bands covering gamma of the diagonal mass
+        vs_tiles = band_tiles(top_indices(v_blocks, n_v), top_indices(s_blocks, n_s), lq, lk, bs)
         query_aware = self._js_distance(q, k, v_blocks, scale, lq, lk) < self.tau  # [B, Hq]
         if bool(query_aware.any()):
-            floor = block_tiles(top_indices(v_blocks, lo), top_indices(s_blocks, lo), lq, lk, bs)
+            floor = band_tiles(top_indices(v_blocks, lo), top_indices(s_blocks, lo), lq, lk, bs)
             qa_tiles = floor | self._query_aware_tiles(q, k, scale)
             vs_tiles = torch.where(query_aware[..., None, None], qa_tiles, vs_tiles)
         tiles = force_sink_and_diagonal(vs_tiles, lq, lk, bs, bs)
@@ -98,7 +99,7 @@ class FlexPrefill(Selector):
         """sqrt(JS) between softmax(mean of the last query block . block-mean keys) and the probed vertical mass."""
         bs = self.block
         last = group_queries(q[:, :, max(lq - bs, 0):], k.shape[1]).float().mean(-2)  # [B, Hkv, G, D]
-        pooled_k = _mean_pool(k.float(), lk, bs)  # [B, Hkv, Kb, D]
+        pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
         logits = torch.einsum("bhgd,bhkd->bhgk", last, pooled_k).flatten(1, 2) * scale
         estimate = torch.softmax(logits, -1)
         target = v_blocks / v_blocks.sum(-1, keepdim=True).clamp(min=1e-12)
@@ -110,8 +111,8 @@ class FlexPrefill(Selector):
         """Block attention of pooled queries over pooled keys; the largest tiles over the whole map until
         ``gamma`` of its mass (each row's softmax sums to 1, so the map's mass is the number of rows)."""
         lq, lk, bs = q.shape[2], k.shape[2], self.block
-        pooled_q = group_queries(_mean_pool(q.float(), lq, bs), k.shape[1])  # [B, Hkv, G, Qb, D]
-        pooled_k = _mean_pool(k.float(), lk, bs)
+        pooled_q = group_queries(_mean_pool(q, lq, bs), k.shape[1])  # [B, Hkv, G, Qb, D]
+        pooled_k = _mean_pool(k, lk, bs)
         logits = torch.einsum("bhgqd,bhkd->bhgqk", pooled_q, pooled_k).flatten(1, 2) * scale
         visible = causal_block_mask(lq, lk, bs, bs, q.device)
         probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)  # [B, Hq, Qb, Kb]
@@ -122,19 +123,17 @@ class FlexPrefill(Selector):
         return picked.view_as(probs) & visible
 
 
-def _pool(x: Tensor, length: int, block: int) -> Tensor:
-    """Sum over blocks of the last dim: ``[..., L] -> [..., ceil(L / block)]``."""
-    kb = -(-length // block)
-    return torch.nn.functional.pad(x, (0, kb * block - length)).view(*x.shape[:-1], kb, block).sum(-1)
-
-
 def _mean_pool(x: Tensor, length: int, block: int) -> Tensor:
-    """Block means along the sequence dim of ``[B, H, L, D]``; the last partial block averages its real rows."""
-    kb = -(-length // block)
-    summed = torch.nn.functional.pad(x, (0, 0, 0, kb * block - length)).view(*x.shape[:2], kb, block, -1).sum(-2)
-    counts = torch.full((kb,), float(block), device=x.device)
-    counts[-1] = length - (kb - 1) * block
-    return summed / counts[:, None]
+    """Block means (float32) along the sequence dim of ``[B, H, L, D]``; the last partial block averages its
+    real rows. Sums accumulate in float32 without a float32 copy of ``x`` (2 GB for q at 128K tokens)."""
+    full = length // block
+    parts = []
+    if full:
+        body = x[:, :, : full * block].reshape(*x.shape[:2], full, block, x.shape[-1])
+        parts.append(body.sum(-2, dtype=torch.float32) / block)
+    if full * block < length:
+        parts.append(x[:, :, full * block:].sum(-2, keepdim=True, dtype=torch.float32) / (length - full * block))
+    return torch.cat(parts, -2) if len(parts) > 1 else parts[0]
 
 
 def _cover(scores: Tensor, gamma: float) -> Tensor:
