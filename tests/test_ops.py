@@ -498,3 +498,26 @@ def test_compiled_split_lists_matches_eager():
         args = (p.kv_num_blocks, p.kv_indices, None, block_ok, head_map, True, 64, 64, lk - lq, lk, kb)
         for want, got in zip(flex.split_lists(*args), compiled(*args)):
             assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(64, 64), (128, 128), (64, 128), (128, 64), (32, 256)])
+def test_fast_path_padding_keeps_block_counts(block_q, block_k):
+    """The padded, bounds-check-free kernel walks ceil(padded / block) query blocks; the BlockMask holds
+    ceil(len / block) rows. They must agree at every length (64-token blocks padded to 128 faulted on the H200)."""
+    from sparsa.ops.flex import padding
+
+    for lq in range(1, 700, 7):
+        lk = lq + 37
+        pad_q, pad_k = padding(lq, lk, block_q, block_k)
+        assert (lq + pad_q) % block_q == 0 and (lk + pad_k) % block_k == 0
+        assert (lq + pad_q) // block_q == -(-lq // block_q)
+        assert (lk + pad_k) // block_k == -(-lk // block_k)
+
+
+def test_fast_path_only_for_power_of_two_blocks():
+    from sparsa.ops.flex import fast_path
+
+    cuda = torch.device("cuda")
+    assert not fast_path(BlockPattern.dense(300, block_q=96, block_k=96), None, cuda)
+    assert fast_path(BlockPattern.dense(300, block_q=64), None, cuda)
+    assert not fast_path(BlockPattern.dense(300, block_q=64), None, torch.device("cpu"))

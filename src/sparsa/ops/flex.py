@@ -8,7 +8,6 @@ are fully visible -- below the causal diagonal, free of key padding, inside the 
 from __future__ import annotations
 
 import inspect
-import math
 import weakref
 
 import torch
@@ -23,8 +22,6 @@ _FROM_KV_ARGS = None
 # forward pass, so its mask is built once. Keyed by the pattern object; the value holds the padding tensor
 # it was built with, so that tensor's id cannot be reused by another while the entry lives.
 _MASKS: "weakref.WeakKeyDictionary[BlockPattern, dict]" = weakref.WeakKeyDictionary()
-# Lengths are padded to a multiple of this on CUDA so the kernel can skip bounds checks (IS_DIVISIBLE).
-_PAD_TO = 128
 
 
 def flex_available() -> bool:
@@ -192,8 +189,23 @@ def fast_path(pattern: BlockPattern, key_padding_mask: Tensor | None, device) ->
     With a key padding mask (which also made the BlockMask per-sequence) the padded, bounds-check-free kernel
     hit an illegal memory access on the H200 (2026-11-29, not yet diagnosed), so every other case keeps
     the bounds-checked kernel."""
+    pow2 = all(b >= 16 and b & (b - 1) == 0 for b in (pattern.block_q, pattern.block_k))
     return (device.type == "cuda" and key_padding_mask is None and pattern.token_mask is None
-            and pattern.batch == 1)
+            and pattern.batch == 1 and pow2)
+
+
+def padding(q_len: int, kv_len: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """Rows to add to the queries and the keys so that the bounds-check-free kernel (IS_DIVISIBLE) sees whole
+    tiles: each length is rounded up to a multiple of its own block.
+
+    The block counts must not change: the BlockMask has ``ceil(q_len / block_q)`` query rows, and a kernel
+    that walks more query blocks than that reads past ``kv_num_blocks``. Rounding 64-token blocks up to 128
+    did exactly that whenever ``q_len % 128`` fell in 1..64 -- the CUDA faults ('illegal memory access',
+    'operation not supported on global/shared address space') that hip, longheads, biformer and sale hit
+    on the H200 (2026-11-29). The fast path takes power-of-two blocks only, so a multiple of the block is a
+    multiple of the kernel's tile (``kernel_options``: the block itself below 128, 128 or a divisor of it above).
+    """
+    return -q_len % block_q, -kv_len % block_k
 
 
 def kernel_options(pattern: BlockPattern, device, fast: bool = False) -> dict | None:
@@ -229,14 +241,13 @@ def block_sparse_attention_flex(q: Tensor, k: Tensor, v: Tensor, pattern: BlockP
     hkv, lk = k.shape[1], k.shape[2]
     seq_lengths = None
     fast = fast_path(pattern, key_padding_mask, q.device)
-    step = math.lcm(_PAD_TO, pattern.block_q, pattern.block_k)
-    if fast and (lq % step or lk % step):
+    pad_q, pad_k = padding(lq, lk, pattern.block_q, pattern.block_k)
+    if fast and (pad_q or pad_k):
         # Pad at the end: real queries keep their indices (the mask's offset is the unpadded kv_len - q_len)
-        # and the mask function drops keys at or past kv_len; padded query rows are sliced off. Block counts
-        # do not change (the step is a multiple of both block sizes).
-        q = torch.nn.functional.pad(q, (0, 0, 0, -lq % step))
-        k = torch.nn.functional.pad(k, (0, 0, 0, -lk % step))
-        v = torch.nn.functional.pad(v, (0, 0, 0, -lk % step))
+        # and the mask function drops keys at or past kv_len; padded query rows are sliced off.
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad_q))
+        k = torch.nn.functional.pad(k, (0, 0, 0, pad_k))
+        v = torch.nn.functional.pad(v, (0, 0, 0, pad_k))
         seq_lengths = (q.shape[2], k.shape[2])
     block_mask = cached_block_mask(pattern, batch, hq, hkv, causal=causal, key_padding_mask=key_padding_mask,
                                    device=q.device, seq_lengths=seq_lengths)
