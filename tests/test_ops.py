@@ -1,6 +1,7 @@
 """block_sparse_attention against the independent dense reference (tests/dense_reference.py) and torch SDPA."""
 
 import math
+import os
 import warnings
 
 import pytest
@@ -479,25 +480,42 @@ def test_flex_noncausal_neighbourhood():
     _flex_vs_reference(q, k, v, pattern, causal=False)
 
 
-@pytest.mark.slow
-def test_compiled_split_lists_matches_eager():
-    """On CUDA the tile split runs through torch.compile (dynamic shapes); the compiled function must give the
-    same lists as the eager one. Checked here with the CPU compiler, on two shapes (one compile, reused)."""
+@pytest.mark.parametrize("case", ["causal_kvheads_pad", "noncausal_shared", "token_mask_wide", "broadcast_batch"])
+def test_triton_split_lists_matches_eager(case):
+    """On CUDA the tile split is one Triton launch (interpreted here); it must give exactly the eager lists."""
     from sparsa.ops import flex
+    from sparsa.ops.vertical_slash import triton_available
 
-    compiled = torch.compile(flex.split_lists, dynamic=True)
-    for seed, (lq, lk) in enumerate(((300, 517), (640, 640))):
-        g = torch.Generator().manual_seed(seed)
-        qb, kb = -(-lq // 64), -(-lk // 64)
-        scores = torch.rand(2, 2, qb, kb, generator=g)
-        p = BlockPattern.from_block_scores(scores, q_len=lq, kv_len=lk, block_q=64, topk=3)
+    if not triton_available() or (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs triton, and a GPU or TRITON_INTERPRET=1")
+    g = torch.Generator().manual_seed(len(case))
+    # 363 - 300 = 63: a row's first query sees the whole diagonal tile exactly (the full test's boundary).
+    lq, lk, bs = {"noncausal_shared": (200, 200, 32), "causal_kvheads_pad": (300, 363, 64)}.get(case, (300, 517, 64))
+    qb, kb = -(-lq // bs), -(-lk // bs)
+    heads = {"causal_kvheads_pad": 2, "noncausal_shared": 1, "token_mask_wide": 8, "broadcast_batch": 2}[case]
+    batch = 1 if case == "broadcast_batch" else 2
+    p = BlockPattern.from_block_scores(torch.rand(batch, heads, qb, kb, generator=g), q_len=lq, kv_len=lk,
+                                       block_q=bs, topk=3)
+    num, idx = p.kv_num_blocks, p.kv_indices
+    kv_full = block_ok = head_map = None
+    causal, width = case != "noncausal_shared", idx.shape[-1]
+    if case in ("causal_kvheads_pad", "broadcast_batch"):
         pad = torch.ones(2, lk, dtype=torch.bool)
         pad[1, :70] = False
-        block_ok = torch.nn.functional.pad(pad, (0, kb * 64 - lk)).view(2, kb, 64).all(-1)
+        block_ok = torch.nn.functional.pad(pad, (0, kb * bs - lk)).view(2, kb, bs).all(-1)
         head_map = torch.arange(8) // 4
-        args = (p.kv_num_blocks, p.kv_indices, None, block_ok, head_map, True, 64, 64, lk - lq, lk, kb)
-        for want, got in zip(flex.split_lists(*args), compiled(*args)):
-            assert torch.equal(want, got)
+        if case == "broadcast_batch":
+            num, idx = num.expand(2, -1, -1), idx.expand(2, -1, -1, -1)
+    if case == "token_mask_wide":
+        kv_full = torch.rand(idx.shape, generator=g) < 0.5
+        width = kb + 5  # wider than the index lists (the CPU kernel's requirement)
+    args = (num, idx, kv_full, block_ok, head_map, causal, bs, bs, lk - lq, lk, width)
+    want, got = flex.split_lists(*args), flex.split_lists_triton(*args)
+    for name, w, g_ in zip(("partial_num", "partial_idx", "full_num", "full_idx"), want, got):
+        assert torch.equal(w.to(torch.int32), g_), name
+    rows = num if head_map is None else num[:, head_map]
+    assert int(got[0].sum() + got[2].sum()) == int(rows.sum())  # every selected tile lands in one list
+    assert int(got[2].sum()) > 0 and int(got[0].sum()) > 0  # both lists are exercised
 
 
 @pytest.mark.parametrize("block_q,block_k", [(64, 64), (128, 128), (64, 128), (128, 64), (32, 256)])

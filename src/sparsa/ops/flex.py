@@ -85,7 +85,7 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
     args = (num, idx, kv_full, block_ok, head_map, causal, bq, bk, offset, lk, width)
     try:
         partial_num, partial_idx, full_num, full_idx = _split_fn(device)(*args)
-    except Exception as error:  # a compiler failure must not take attention down: run it eagerly
+    except Exception as error:  # a kernel failure to compile must not take attention down: run it eagerly
         _disable_compiled_split(error)
         partial_num, partial_idx, full_num, full_idx = split_lists(*args)
 
@@ -104,9 +104,8 @@ def split_lists(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tens
     """Split each row's selected key blocks into partial tiles (mask function evaluated) and full tiles.
 
     A tile is full when it lies wholly below the causal diagonal, inside the key length, holds no padded key
-    (``block_ok [B, Kb]``) and the token mask leaves it whole (``kv_full``). Pure tensor code: on CUDA it runs
-    compiled, a few fused kernels instead of ~20 small launches. ``head_map`` expands per-KV-head patterns to
-    the query heads.
+    (``block_ok [B, Kb]``) and the token mask leaves it whole (``kv_full``). Plain PyTorch: the reference for
+    ``split_lists_triton``, which CUDA uses. ``head_map`` expands per-KV-head patterns to the query heads.
     """
     if head_map is not None:
         num, idx = num[:, head_map], idx[:, head_map]
@@ -132,25 +131,58 @@ def split_lists(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tens
     return partial_num, partial_idx, full_num, full_idx
 
 
-_split_compiled = None
+def split_lists_triton(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tensor | None,
+                       head_map: Tensor | None, causal: bool, bq: int, bk: int, offset: int, kv_len: int,
+                       width: int):
+    """``split_lists`` in one Triton launch (the eager version is ~40 small kernels: ~0.3 ms of launch overhead
+    per pattern on the H200, 1-3% of a sparse 128K attention call). Same arguments and results."""
+    import triton
+
+    from ._split_kernels import split_rows_kernel
+
+    num, idx = num.to(torch.int32), idx.to(torch.int32)
+    b, h_src, qb, idx_w = idx.shape
+    h_out = h_src if head_map is None else head_map.shape[0]
+    dev = idx.device
+    outs = [torch.empty(b, h_out, qb, *shape, dtype=torch.int32, device=dev) for shape in ((), (width,), (), (width,))]
+    partial_num, partial_idx, full_num, full_idx = outs
+    full_arg = kv_full.view(torch.uint8) if kv_full is not None else idx
+    ok_arg = block_ok.view(torch.uint8) if block_ok is not None else idx
+    map_arg = head_map.to(torch.int32) if head_map is not None else idx
+    fs = kv_full.stride()[:3] if kv_full is not None else (0, 0, 0)
+    if idx.stride(-1) != 1 or (kv_full is not None and kv_full.stride(-1) != 1):
+        raise ValueError("split_lists_triton: index rows must be contiguous")
+    split_rows_kernel[(b * h_out * qb,)](
+        num, idx, full_arg, ok_arg, map_arg, partial_num, partial_idx, full_num, full_idx,
+        h_out, qb, idx_w, width, *num.stride(), *idx.stride()[:3], *fs,
+        block_ok.stride(0) if block_ok is not None else 0, bq, bk, offset, kv_len,
+        CAUSAL=bool(causal), HAS_FULL=kv_full is not None, HAS_OK=block_ok is not None,
+        HAS_MAP=head_map is not None, W_P2=triton.next_power_of_2(max(width, 16)))
+    return partial_num, partial_idx, full_num, full_idx
+
+
+_split_impl = None
 
 
 def _disable_compiled_split(error: Exception) -> None:
-    global _split_compiled
+    global _split_impl
     import warnings
 
-    warnings.warn(f"sparsa: compiled BlockMask construction failed ({type(error).__name__}: {error}); "
+    warnings.warn(f"sparsa: Triton BlockMask construction failed ({type(error).__name__}: {error}); "
                   "using the eager version", stacklevel=3)
-    _split_compiled = split_lists
+    _split_impl = split_lists
 
 
 def _split_fn(device):
-    global _split_compiled
+    """The tile split for a device: one Triton launch on CUDA, the plain-PyTorch version elsewhere."""
+    global _split_impl
     if device.type != "cuda":
         return split_lists
-    if _split_compiled is None:
-        _split_compiled = torch.compile(split_lists, dynamic=True)
-    return _split_compiled
+    if _split_impl is None:
+        from .vertical_slash import triton_available
+
+        _split_impl = split_lists_triton if triton_available() else split_lists
+    return _split_impl
 
 
 def _from_kv_blocks_args():
