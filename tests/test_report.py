@@ -112,6 +112,17 @@ def test_summarize_missing_dense_fields():
     assert c["dense_score"] is None and c["retention"] is None and c["speed"] is None
 
 
+def test_speed_prefers_prefill_time_over_wall_seconds():
+    """Rows with prefill_ms (timed after warm-up) give the speed; whole-cell seconds only for older rows."""
+    sparse = cell(STREAM, "vt", 1024, 0.5, seconds=10.0, dense_seconds=2.0)
+    sparse.update(prefill_ms=20.0, dense_prefill_ms=50.0)
+    dense = cell("dense", "vt", 1024, 1.0, seconds=2.0)
+    dense.update(prefill_ms=50.0, dense_prefill_ms=50.0)
+    cells = by_cell(report.summarize([dense, sparse]))
+    assert cells[(STREAM, "vt", 1024)]["speed"] == pytest.approx(2.5)  # not 2 / 10 from the wall seconds
+    assert cells[("dense", "vt", 1024)]["speed"] == pytest.approx(1.0)
+
+
 def test_markdown_table():
     text = report.markdown_table(synthetic_rows())
     header, scores, methods = text.strip().split("\n\n")

@@ -69,8 +69,9 @@ def summarize(rows: list[dict]) -> list[dict]:
 
     Scores and densities are means weighted by each row's sample count ``n`` (so a cell's score is the mean over
     all its samples). Retention is computed from the aggregates, over the rows that have a dense score:
-    score / dense_score, None when the dense mean is 0 or there is none. Speed is total dense seconds over total
-    seconds. Dense rows are their own baseline when the runner left their dense fields empty.
+    score / dense_score, None when the dense mean is 0 or there is none. Speed is total dense prefill time over
+    the method's (whole-cell seconds for rows that predate ``prefill_ms``). Dense rows are their own baseline
+    when the runner left their dense fields empty.
     """
     groups = defaultdict(list)
     for row in rows:
@@ -91,8 +92,13 @@ def _aggregate(group: list[dict]) -> dict:
     score = _weighted([(r["score"], _n(r)) for r in group])
     dense_score = _weighted([(d, _n(r)) for r, d in paired]) if paired else None
     paired_score = _weighted([(r["score"], _n(r)) for r, _ in paired]) if paired else None
-    timed = [(r["seconds"], _dense_seconds(r)) for r in group
-             if r.get("seconds") is not None and _dense_seconds(r) is not None]
+    # Speed: dense prefill time over the method's on the same prompts (rows since 2026-11-29 session 2); older
+    # rows only have whole-cell wall seconds (decoding and warm-up included).
+    timed = [(r["prefill_ms"], _dense_field(r, "prefill_ms")) for r in group
+             if r.get("prefill_ms") is not None and _dense_field(r, "prefill_ms") is not None]
+    if not timed:
+        timed = [(r["seconds"], _dense_seconds(r)) for r in group
+                 if r.get("seconds") is not None and _dense_seconds(r) is not None]
     seconds = sum(r["seconds"] for r in group if r.get("seconds") is not None)
     densities = [(r["density"], _n(r)) for r in group if r.get("density") is not None]
     return {
@@ -126,9 +132,13 @@ def _dense_score(row: dict):
 
 
 def _dense_seconds(row: dict):
-    if row.get("dense_seconds") is None and _is_dense(row):
-        return row.get("seconds")
-    return row.get("dense_seconds")
+    return _dense_field(row, "seconds")
+
+
+def _dense_field(row: dict, field: str):
+    if row.get(f"dense_{field}") is None and _is_dense(row):
+        return row.get(field)
+    return row.get(f"dense_{field}")
 
 
 def _weighted(pairs) -> float:
@@ -199,7 +209,7 @@ def _by_task(cells: list[dict]) -> list[dict]:
 
 def method_table(cells: list[dict]) -> str:
     """Per method, plain means over its cells: score, retention (cells with a dense score), density, speed."""
-    head = ["method", "cells", "mean score", "mean retention", "mean density", "mean speed vs dense"]
+    head = ["method", "cells", "mean score", "mean retention", "mean density", "mean prefill speed vs dense"]
     lines = [_md_row(head), _md_row(["---"] + ["---:"] * (len(head) - 1))]
     label_of = _labeler(cells)
     for label in _first_seen(label_of(c) for c in cells):

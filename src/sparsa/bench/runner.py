@@ -145,9 +145,29 @@ def run_cell(model, tokenizer, cell: Cell, samples: list[dict], batch_size: int)
         st = sparsa.stats(model, prefill=True)
         densities.append(1.0 if method.baseline or st["density"] is None else st["density"])
         fallbacks += len(st["fallbacks"])
+    seconds = time.perf_counter() - start
+    prefill = None if cell.task == "perplexity" else prefill_ms(model, tokenizer, samples[:1])
     return {"score": sum(scores) / len(scores), "scores": scores, "density": sum(densities) / len(densities),
-            "seconds": time.perf_counter() - start, "fallbacks": fallbacks,
+            "seconds": seconds, "prefill_ms": prefill, "fallbacks": fallbacks,
             "tokens": sum(s["n_tokens"] for s in samples) / len(samples)}
+
+
+@torch.no_grad()
+def prefill_ms(model, tokenizer, batch, reps: int = 3) -> float:
+    """Median milliseconds of one prefill forward pass of the cell's first prompt (B=1, as generate() runs it),
+    timed after generate() has warmed the method up: the cell's speed against dense on the same input, free of
+    decoding and first-call compilation."""
+    enc = tokenizer([s["prompt"] for s in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        model(**enc, use_cache=True, logits_to_keep=1)
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
 
 
 @torch.no_grad()
@@ -207,6 +227,7 @@ def make_row(cell: Cell, measured: dict, model_name: str, n: int, seed: int, dev
     dense_score = measured["score"] if cell.method.baseline else (dense or {}).get("score")
     row["dense_score"] = dense_score
     row["dense_seconds"] = measured["seconds"] if cell.method.baseline else (dense or {}).get("seconds")
+    row["dense_prefill_ms"] = measured["prefill_ms"] if cell.method.baseline else (dense or {}).get("prefill_ms")
     row["retention"] = measured["score"] / dense_score if dense_score else None
     return row
 

@@ -11,9 +11,10 @@ from torch import Tensor
 
 from ..pattern import BlockPattern
 
-# Key length below which selectors hand over to dense attention by default. Measured on the H200 (BENCHMARKS.md,
-# 2026-11-29, selector + kernel against SDPA flash, B=1, 32/8 heads, D=128, bf16): every static selector was
-# slower than SDPA at 8K (0.44-0.71x, fixed per-call overhead) and faster at 16K (1.19-1.31x).
+# Key length below which selectors hand over to dense attention by default (methods whose estimation costs
+# more set their own). Measured on the H200 (BENCHMARKS.md, 2026-11-29; per layer, pattern and BlockMask cached,
+# B=1, 32/8 heads, D=128, bf16) against torch's default SDPA, which picks cuDNN there (1.7-1.9x SDPA flash):
+# the static selectors were 0.74-1.0x of it at 8K and 1.40-2.0x at 16K.
 DEFAULT_DENSE_BELOW = 16384
 _CACHE_SIZE = 8
 

@@ -44,6 +44,9 @@ class FlexPrefill(Selector):
     min_budget: int = 1024
     max_budget: int | None = None
     block: int = 128
+    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
+    # estimation included (0.88x at 32K, 1.34x at 128K; BENCHMARKS.md, 2026-11-29).
+    dense_below: int = 131072
     probe_blocks: int = 4
 
     def __post_init__(self):

@@ -73,6 +73,9 @@ class HiP(Selector):
     #: attention-sink tokens at the start, always computed (key block 0 when ``sink <= block``)
     sink: int = 4
     block: int = 64
+    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
+    # estimation included (0.23x at 8K, 2.53x at 32K; BENCHMARKS.md, 2026-11-29).
+    dense_below: int = 32768
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
     query_samples: int = 16
 

@@ -16,9 +16,11 @@ Defaults from the official code: threshold 0.008 before calibration, local windo
 per head, or one list per layer; ``calibrate`` (sparsa.prefill.sale.calibrate_thresholds) sets them per head
 on the project's tasks.
 
-The estimation pass (``sparsa.ops.sale_estimate``) runs as a Triton kernel with int8 tensor-core products on
-CUDA (int4 values held in int8: Hopper has no int4 tensor cores) beside a plain-PyTorch reference; the official
-int4 kernel exists for Ada GPUs only. Its work is quadratic, as in the paper (about 11% of dense attention).
+The estimation pass (``sparsa.ops.sale_estimate``) runs as a Triton kernel on CUDA (the 4-bit integers held
+in fp16 for the tensor cores: exact) beside a plain-PyTorch reference; the official int4 kernel exists for Ada
+GPUs only. Its work is quadratic, as in the paper (which reports about 11% of dense attention with int4 on
+Ada). On the H200 it is not a speed-up: the estimate alone took 2.3x the dense attention time at 128K
+(BENCHMARKS.md, 2026-11-29), so sparsa's SALE is for accuracy studies until the kernel is reworked.
 """
 
 from __future__ import annotations
