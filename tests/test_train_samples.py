@@ -37,3 +37,22 @@ def test_copy_bootstrap_copies_letters_not_only_digits():
     assert set(string.digits) <= set(answers)
     items = answers.split()
     assert sum(len(w) >= 5 and w.isalpha() and w.isupper() for w in items) >= 20
+
+
+def test_a_step_holds_rows_of_similar_length():
+    """One sample length per step: little right padding, and about tokens_per_step real tokens."""
+    from sparsa import tasks as task_lib
+    from sparsa.models.train import Batches, TrainConfig, make_task
+
+    cfg = TrainConfig.load("ref-small-continue")
+    cfg.tokens_per_step = 32768
+    cfg.max_len = 8192
+    cfg.min_len = 8192
+    tok = byte_tokenizer()
+    made = {name: make_task(task_lib, cfg, name) for name in cfg.tasks}
+    batches = Batches(cfg)
+    for step in (10, 20, 30):
+        ids, answer, real = batches.make(step, made, tok)
+        lengths = real.sum(-1)
+        assert float(real.float().mean()) > 0.75, lengths.tolist()  # padding is under a quarter of the batch
+        assert 0.5 * cfg.tokens_per_step <= int(lengths.sum()) <= 1.1 * cfg.tokens_per_step
