@@ -11,7 +11,8 @@ layers' logits, so its attention has real (sharpened) structure: sinks, locality
 
 Then the model itself: time to first token of ref-small at 64K and 128K with each method against dense.
 
-Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``
+Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``;
+a method named ``NAME+compile`` runs with ``compile=True`` (its select() through torch.compile).
 """
 
 from __future__ import annotations
@@ -77,12 +78,13 @@ def attention_rows(q, k, v, methods, length):
             rows.append(dict(length=length, method=name, error=str(e)[:200]))
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     for name in methods:
-        sel = registry.create("prefill", name, dense_below=0)
+        base_name, _, flag = name.partition("+")  # "hip+compile": the same method with compile=True
+        sel = registry.create("prefill", base_name, dense_below=0, **({"compile": True} if flag == "compile" else {}))
         try:
             out, density = sel.attend(q, k, v, layer_idx=0)
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
             total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0))
-            estimate = median_ms(lambda: sel.select(q, k, layer_idx=0)) if name != "hyper" else None
+            estimate = median_ms(lambda: sel.pattern(q, k, layer_idx=0)) if base_name != "hyper" else None
             rows.append(dict(length=length, method=name, ms=total, estimate_ms=estimate, density=float(density),
                              rel_err=err))
         except Exception as e:  # a method that fails at one size must not stop the table
@@ -105,7 +107,8 @@ def ttft_rows(model, tokenizer, methods, length):
         if name == "none":
             sparsa.configure(model)
         else:
-            sparsa.configure(model, prefill=name, dense_below=0)
+            base_name, _, flag = name.partition("+")
+            sparsa.configure(model, prefill=base_name, dense_below=0, **({"compile": True} if flag == "compile" else {}))
         try:
             ms = median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), reps=3, warmup=1)
             rows.append(dict(length=length, ttft_method="sdpa" if name == "none" else name, ttft_ms=ms,

@@ -208,3 +208,24 @@ def test_sale_calibration_cli_and_file(tmp_path):
     assert len(sel.threshold) == 4 and all(len(row) == 4 for row in sel.threshold)
     with pytest.raises(ValueError, match="no file"):
         SALE(threshold=str(tmp_path / "missing.json"))
+
+
+@pytest.mark.slow
+def test_compiled_select_matches_eager():
+    """``compile=True`` runs select() through torch.compile (CUDA only in use; forced onto the CPU here): the
+    same tiles as eager at two lengths, with key padding, and one compile reused for the second length."""
+    from sparsa.prefill.biformer import BiFormer
+
+    sel = BiFormer(compile=True, block=32)
+    sel.__dict__["_compile_on_cpu"] = True
+    eager = BiFormer(block=32)
+    for b, lq, lk, seed in ((2, 300, 300, 0), (2, 410, 410, 1)):
+        q, k, _ = _qkv(b, 8, 2, lq, lk, seed=seed)
+        pad = torch.ones(b, lk, dtype=torch.bool)
+        pad[1, :37] = False
+        got = sel.pattern(q, k, key_padding_mask=pad)
+        want = eager.pattern(q, k, key_padding_mask=pad)
+        assert torch.equal(got.to_block_mask(), want.to_block_mask())
+    assert sel.compile  # no fallback happened
+    with pytest.raises(ValueError, match="compile"):
+        BiFormer(compile="yes")

@@ -34,9 +34,16 @@ class Selector:
     #: with ``static``: whether the pattern differs per layer (part of the cache key)
     per_layer: ClassVar[bool] = False
     dense_below: int = DEFAULT_DENSE_BELOW
+    #: run ``select`` through ``torch.compile`` (dynamic shapes) on CUDA: the estimation's ~100-200 small
+    #: kernels become a few fused ones, cutting the per-layer launch overhead that makes dynamic methods lose to
+    #: dense attention below ~32K. The first call per shape family compiles (seconds); any compile failure
+    #: falls back to eager with one warning. Off by default until measured on the GPU.
+    compile: bool = False
 
     def __post_init__(self):
         check_int(self, "dense_below", minimum=0)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"{self.name}: compile must be True or False, got {self.compile!r}")
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
@@ -49,9 +56,12 @@ class Selector:
         estimates ignore padding; the kernel masks padded keys in any case.
         """
         if not self.static:
+            kwargs = {"layer_idx": layer_idx}
             if key_padding_mask is not None and _takes_padding(type(self)):
-                return self.select(q, k, layer_idx=layer_idx, key_padding_mask=key_padding_mask)
-            return self.select(q, k, layer_idx=layer_idx)
+                kwargs["key_padding_mask"] = key_padding_mask
+            if self.compile and (q.is_cuda or self.__dict__.get("_compile_on_cpu")):
+                return self._compiled_select(q, k, kwargs)
+            return self.select(q, k, **kwargs)
         key = (q.shape[2], k.shape[2], q.shape[1], k.shape[1], str(q.device), layer_idx if self.per_layer else None)
         cache = self.__dict__.setdefault("_patterns", {})
         if key not in cache:
@@ -59,6 +69,22 @@ class Selector:
                 cache.pop(next(iter(cache)))
             cache[key] = self.select(q, k, layer_idx=layer_idx)
         return cache[key]
+
+    def _compiled_select(self, q: Tensor, k: Tensor, kwargs: dict) -> BlockPattern:
+        import torch
+
+        fn = self.__dict__.get("_select_compiled")
+        if fn is None:
+            fn = self.__dict__["_select_compiled"] = torch.compile(self.select, dynamic=True)
+        try:
+            return fn(q, k, **kwargs)
+        except Exception as error:  # a compiler failure must not take attention down
+            import warnings
+
+            warnings.warn(f"sparsa: {self.name}: torch.compile of select() failed ({type(error).__name__}: "
+                          f"{str(error)[:200]}); running it eagerly", stacklevel=3)
+            self.compile = False
+            return self.select(q, k, **kwargs)
 
     def __call__(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         return self.select(q, k, layer_idx=layer_idx)
