@@ -59,6 +59,15 @@ case "${1:-}" in
       --methods dense,streaming,a_shape,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
+  train-next)  # nvidia-h200-x2: ref-small stage 3 (letters in the copy lists, one length per step) on GPU 1,
+                # the 'next' checks on GPU 0
+    (CUDA_VISIBLE_DEVICES=1 python -m sparsa.models.train --config ref-small-stage3 --out /tmp/m/ref-small \
+       > "$OUT/small.log" 2>&1) & TP=$!
+    CUDA_VISIBLE_DEVICES=0 bash "$0" next
+    wait $TP
+    tail -10 "$OUT/small.log"
+    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
+    ;;
   next)  # session 3, one GPU, about 9 minutes: verify the session-2 fixes, then compiled estimation
     timeout 150 python benchmarks/gpu_check.py --quick --lengths 8192,16384 --jsonl "$OUT/check.jsonl" 2>&1 \
       | grep -v Warning > "$OUT/check.txt"; tail -14 "$OUT/check.txt"
@@ -68,5 +77,5 @@ case "${1:-}" in
       --methods dense,vertical_slash,vertical_slash+compile,flexprefill,flexprefill+compile,hip,hip+compile,longheads,longheads+compile,biformer,biformer+compile,hyper,sale \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 kernels|train|train-kernels|check-speed|bench|bench-speed|next" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|train|train-kernels|check-speed|bench|bench-speed|next|train-next" >&2; exit 2 ;;
 esac
