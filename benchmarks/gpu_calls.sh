@@ -70,7 +70,7 @@ case "${1:-}" in
     ;;
   next)  # session 3, one GPU, about 9 minutes: verify the session-2 fixes, then compiled estimation
     timeout 150 python benchmarks/gpu_check.py --quick --lengths 8192,16384 --jsonl "$OUT/check.jsonl" 2>&1 \
-      | grep -v Warning > "$OUT/check.txt"; tail -14 "$OUT/check.txt"
+      | grep -v Warning | tail -14
     timeout 100 python benchmarks/speed.py --lengths 131072 --densities 0.1,0.05 --time-limit 90 \
       --sdpa-backends flash,cudnn --jsonl "$OUT/speed.jsonl" 2>&1 | tail -12
     timeout 300 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536 \
