@@ -69,13 +69,16 @@ case "${1:-}" in
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
   next)  # session 3, one GPU, about 9 minutes: verify the session-2 fixes, then compiled estimation
-    timeout 150 python benchmarks/gpu_check.py --quick --lengths 8192,16384 --jsonl "$OUT/check.jsonl" 2>&1 \
+    timeout 120 python benchmarks/gpu_check.py --quick --lengths 8192,16384 --jsonl "$OUT/check.jsonl" 2>&1 \
       | grep -v Warning | tail -14
-    timeout 100 python benchmarks/speed.py --lengths 131072 --densities 0.1,0.05 --time-limit 90 \
+    timeout 80 python benchmarks/speed.py --lengths 131072 --densities 0.1,0.05 --time-limit 70 \
       --sdpa-backends flash,cudnn --jsonl "$OUT/speed.jsonl" 2>&1 | tail -12
-    timeout 300 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536 \
-      --methods dense,vertical_slash,vertical_slash+compile,flexprefill,flexprefill+compile,hip,hip+compile,longheads,longheads+compile,biformer,biformer+compile,hyper,sale \
+    timeout 160 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods dense,streaming,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
+    timeout 150 python benchmarks/prefill_speed.py --lengths 8192,32768 --ttft "" \
+      --methods vertical_slash+compile,hip+compile,hip+reduce-overhead,biformer+compile,longheads+compile \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
   *) echo "usage: $0 kernels|train|train-kernels|check-speed|bench|bench-speed|next|train-next" >&2; exit 2 ;;
 esac

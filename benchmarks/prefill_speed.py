@@ -12,7 +12,8 @@ layers' logits, so its attention has real (sharpened) structure: sinks, locality
 Then the model itself: time to first token of ref-small at 64K and 128K with each method against dense.
 
 Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``;
-a method named ``NAME+compile`` runs with ``compile=True`` (its select() through torch.compile).
+a method named ``NAME+compile`` runs with ``compile=True`` (its select() through torch.compile), and
+``NAME+reduce-overhead`` with that compile mode (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def median_ms(fn, reps=10, warmup=2):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return measure(fn, device, warmup=warmup, reps=reps, min_reps=min(reps, 3))[0]
+
+
+def method_params(name: str) -> tuple[str, dict]:
+    """``"hip+compile"`` -> ``("hip", {"compile": True})``; ``"hip+reduce-overhead"`` -> that compile mode."""
+    base, _, mode = name.partition("+")
+    if not mode:
+        return base, {}
+    return base, {"compile": True if mode == "compile" else mode}
 
 
 def model_activations(model, tokenizer, length: int):
@@ -78,8 +87,8 @@ def attention_rows(q, k, v, methods, length):
             rows.append(dict(length=length, method=name, error=str(e)[:200]))
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     for name in methods:
-        base_name, _, flag = name.partition("+")  # "hip+compile": the same method with compile=True
-        sel = registry.create("prefill", base_name, dense_below=0, **({"compile": True} if flag == "compile" else {}))
+        base_name, params = method_params(name)
+        sel = registry.create("prefill", base_name, dense_below=0, **params)
         try:
             out, density = sel.attend(q, k, v, layer_idx=0)
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
@@ -107,8 +116,8 @@ def ttft_rows(model, tokenizer, methods, length):
         if name == "none":
             sparsa.configure(model)
         else:
-            base_name, _, flag = name.partition("+")
-            sparsa.configure(model, prefill=base_name, dense_below=0, **({"compile": True} if flag == "compile" else {}))
+            base_name, params = method_params(name)
+            sparsa.configure(model, prefill=base_name, dense_below=0, **params)
         try:
             ms = median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), reps=3, warmup=1)
             rows.append(dict(length=length, ttft_method="sdpa" if name == "none" else name, ttft_ms=ms,

@@ -228,4 +228,4 @@ def test_compiled_select_matches_eager():
         assert torch.equal(got.to_block_mask(), want.to_block_mask())
     assert sel.compile  # no fallback happened
     with pytest.raises(ValueError, match="compile"):
-        BiFormer(compile="yes")
+        BiFormer(compile="fast")

@@ -17,6 +17,7 @@ from ..pattern import BlockPattern
 # the static selectors were 0.74-1.0x of it at 8K and 1.40-2.0x at 16K.
 DEFAULT_DENSE_BELOW = 16384
 _CACHE_SIZE = 8
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -37,13 +38,15 @@ class Selector:
     #: run ``select`` through ``torch.compile`` (dynamic shapes) on CUDA: the estimation's ~100-200 small
     #: kernels become a few fused ones, cutting the per-layer launch overhead that makes dynamic methods lose to
     #: dense attention below ~32K. The first call per shape family compiles (seconds); any compile failure
-    #: falls back to eager with one warning. Off by default until measured on the GPU.
-    compile: bool = False
+    #: falls back to eager with one warning. Off by default until measured on the GPU. A string is a
+    #: ``torch.compile`` mode: ``"reduce-overhead"`` also replays the estimation as a CUDA graph per shape.
+    compile: bool | str = False
 
     def __post_init__(self):
         check_int(self, "dense_below", minimum=0)
-        if not isinstance(self.compile, bool):
-            raise ValueError(f"{self.name}: compile must be True or False, got {self.compile!r}")
+        if not isinstance(self.compile, bool) and self.compile not in _COMPILE_MODES:
+            raise ValueError(f"{self.name}: compile must be True, False or one of {_COMPILE_MODES}, "
+                             f"got {self.compile!r}")
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
@@ -75,7 +78,8 @@ class Selector:
 
         fn = self.__dict__.get("_select_compiled")
         if fn is None:
-            fn = self.__dict__["_select_compiled"] = torch.compile(self.select, dynamic=True)
+            mode = self.compile if isinstance(self.compile, str) else None
+            fn = self.__dict__["_select_compiled"] = torch.compile(self.select, dynamic=True, mode=mode)
         try:
             return fn(q, k, **kwargs)
         except Exception as error:  # a compiler failure must not take attention down
