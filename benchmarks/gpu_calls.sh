@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU calls that finish issues 2-4, each sized for one `run` (under 10 minutes). Usage on the device:
-#   bash benchmarks/gpu_calls.sh kernels    # issue 2: fast-path probe, correctness, selector and mask timings
-#   bash benchmarks/gpu_calls.sh train      # issue 3: ref-small alone (~9 minutes), tarred into $OUT
-#   bash benchmarks/gpu_calls.sh bench      # issues 3-4: ref-small accuracy table, dynamic methods' speed
+# The GPU calls behind BENCHMARKS.md and MODEL.md, each sized for one `run` (under 10 minutes). On the device:
+#   bash benchmarks/gpu_calls.sh train-kernels  # session 2 (x2): ref-small stage 2 beside kernel checks
+#   bash benchmarks/gpu_calls.sh check-speed    # session 2: correctness, static selectors, dynamic methods
+#   bash benchmarks/gpu_calls.sh bench-speed    # session 2: ref-small accuracy table, dynamic methods, TTFT
+#   bash benchmarks/gpu_calls.sh next           # session 3: verify session 2's fixes, compiled estimation
+#   bash benchmarks/gpu_calls.sh train-next     # session 3 (x2): ref-small stage 3 beside `next`
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,24 +12,6 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 
 case "${1:-}" in
-  kernels)
-    timeout 200 python benchmarks/fastpath_probe.py 2>&1 | tee "$OUT/fastpath.txt"
-    timeout 200 python benchmarks/gpu_check.py --jsonl "$OUT/check.jsonl" 2>&1 | grep -v Warning | tail -40
-    timeout 150 python benchmarks/speed.py --time-limit 140 --jsonl "$OUT/speed.jsonl" 2>&1 | tail -45
-    ;;
-  train)
-    python -m sparsa.models.train --config ref-small --out /tmp/m/ref-small > "$OUT/small.log" 2>&1
-    tail -8 "$OUT/small.log"
-    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
-    ;;
-  bench)
-    timeout 330 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 8 \
-      --methods "dense;streaming;a_shape;sliding_window;vertical_slash;flexprefill;sale;hip" \
-      --tasks niah_single,niah_multikey,vt --lengths 8192,16384,32768 --depths none -n 10 \
-      --out "$OUT/bench-ref-small.jsonl" --no-progress 2>&1 | tail -30
-    timeout 230 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 \
-      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | tail -40
-    ;;
   train-kernels)  # nvidia-h200-x2: ref-small continues on GPU 1 while GPU 0 runs the kernel checks and timings
     (CUDA_VISIBLE_DEVICES=1 python -m sparsa.models.train --config ref-small-continue --out /tmp/m/ref-small \
        > "$OUT/small.log" 2>&1) & TP=$!
@@ -80,5 +64,5 @@ case "${1:-}" in
       --methods vertical_slash+compile,hip+compile,hip+reduce-overhead,biformer+compile,longheads+compile \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 kernels|train|train-kernels|check-speed|bench|bench-speed|next|train-next" >&2; exit 2 ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next" >&2; exit 2 ;;
 esac
