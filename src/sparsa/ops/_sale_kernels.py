@@ -14,7 +14,7 @@ def passing_tiles_kernel(q_ptr, qs_ptr, k_ptr, ks_ptr, row_ptr, col_ptr, need_pt
                          D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, KB,
                          SCALE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, KB_LOOP: tl.constexpr):
     """One program per (batch x query head, query block): test every causally visible key block."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # (bh * LQ + i) * D passes 2**31 at batch 4, 32 heads, 128K tokens
     r = tl.program_id(1)
     b = bh // HQ
     kv = (bh % HQ) // GROUP

@@ -14,7 +14,7 @@ def split_rows_kernel(num_ptr, idx_ptr, full_ptr, ok_ptr, map_ptr, pn_ptr, pi_pt
                       H_OUT, QB, IDX_W, W, s_nb, s_nh, s_nq, s_ib, s_ih, s_iq, s_fb, s_fh, s_fq, s_ok,
                       BQ, BK, OFFSET, KV_LEN, CAUSAL: tl.constexpr, HAS_FULL: tl.constexpr, HAS_OK: tl.constexpr,
                       HAS_MAP: tl.constexpr, W_P2: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * W passes 2**31 at batch 8, 32 heads, 128K tokens
     r = row % QB
     bh = row // QB
     h = bh % H_OUT
