@@ -78,7 +78,10 @@ class FlexPrefill(Selector):
         n_s = _cover(s_blocks, self.gamma).clamp(lo, hi)  # bands covering gamma of the diagonal mass
         vs_tiles = band_tiles(top_indices(v_blocks, n_v), top_indices(s_blocks, n_s), lq, lk, bs)
         query_aware = self._js_distance(q, k, v_blocks, scale, lq, lk) < self.tau  # [B, Hq]
-        if bool(query_aware.any()):
+        # The query-aware map costs a sort of Qb x Kb entries per head. Up to 2**16 tiles (32K tokens at 128-token
+        # blocks) it is cheaper to build it for every head than to ask the device whether any head needs it
+        # (a host sync); above that, ask.
+        if -(-lq // bs) * kb <= 1 << 16 or bool(query_aware.any()):
             floor = band_tiles(top_indices(v_blocks, lo), top_indices(s_blocks, lo), lq, lk, bs)
             qa_tiles = floor | self._query_aware_tiles(q, k, scale)
             vs_tiles = torch.where(query_aware[..., None, None], qa_tiles, vs_tiles)
