@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_calls.sh bench-speed    # session 2: ref-small accuracy table, dynamic methods, TTFT
 #   bash benchmarks/gpu_calls.sh next           # session 3: verify session 2's fixes, compiled estimation
 #   bash benchmarks/gpu_calls.sh train-next     # session 3 (x2): ref-small stage 3 beside `next`
+#   bash benchmarks/gpu_calls.sh bench-next     # session 3: the new ref-small's dense scores and accuracy table
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,5 +65,16 @@ case "${1:-}" in
       --methods vertical_slash+compile,hip+compile,hip+reduce-overhead,biformer+compile,longheads+compile \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next" >&2; exit 2 ;;
+  bench-next)  # session 3, one GPU, about 9 minutes, after train-next: ref-small's dense scores to 64K, then
+                # every method at its defaults (dense_below=0) on NIAH and vt at 8K-32K
+    timeout 200 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 10 --methods dense \
+      --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
+      --lengths 4096,8192,16384,32768,65536 --depths none -n 10 --out "$OUT/dense-ref-small.jsonl" --no-progress \
+      > "$OUT/dense.txt" 2>&1; grep -A12 "| task" "$OUT/dense.txt" | head -14
+    timeout 330 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 10 \
+      --methods "dense;streaming;a_shape;vertical_slash;flexprefill;hip;longheads;biformer;hyper;sale" \
+      --tasks niah_single,niah_multikey,vt --lengths 8192,16384,32768 --depths none -n 10 \
+      --out "$OUT/bench-ref-small.jsonl" --no-progress > "$OUT/bench.txt" 2>&1; tail -16 "$OUT/bench.txt"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next" >&2; exit 2 ;;
 esac
