@@ -86,7 +86,7 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
     try:
         partial_num, partial_idx, full_num, full_idx = _split_fn(device)(*args)
     except Exception as error:  # a kernel failure to compile must not take attention down: run it eagerly
-        _disable_compiled_split(error)
+        _disable_split_kernel(error)
         partial_num, partial_idx, full_num, full_idx = split_lists(*args)
 
     mask_mod = _mask_mod(causal, offset, lk, pad, pattern.token_mask, device)
@@ -164,7 +164,7 @@ def split_lists_triton(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_o
 _split_impl = None
 
 
-def _disable_compiled_split(error: Exception) -> None:
+def _disable_split_kernel(error: Exception) -> None:
     global _split_impl
     import warnings
 
@@ -219,8 +219,9 @@ def fast_path(pattern: BlockPattern, key_padding_mask: Tensor | None, device) ->
 
     Only where it was verified on the GPU: no key padding, no token mask, one pattern for the whole batch.
     With a key padding mask (which also made the BlockMask per-sequence) the padded, bounds-check-free kernel
-    hit an illegal memory access on the H200 (2026-11-29, not yet diagnosed), so every other case keeps
-    the bounds-checked kernel."""
+    hit an illegal memory access on the H200 (session 1: fp32, B=2, 700/1000 tokens, 128-token blocks, so not
+    the block-count fault that ``padding`` fixed; not yet diagnosed), so every other case keeps the
+    bounds-checked kernel."""
     pow2 = all(b >= 16 and b & (b - 1) == 0 for b in (pattern.block_q, pattern.block_k))
     return (device.type == "cuda" and key_padding_mask is None and pattern.token_mask is None
             and pattern.batch == 1 and pow2)
