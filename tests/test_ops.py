@@ -539,3 +539,26 @@ def test_fast_path_only_for_power_of_two_blocks():
     assert not fast_path(BlockPattern.dense(300, block_q=96, block_k=96), None, cuda)
     assert fast_path(BlockPattern.dense(300, block_q=64), None, cuda)
     assert not fast_path(BlockPattern.dense(300, block_q=64), None, torch.device("cpu"))
+
+
+def test_cpu_flex_failure_falls_back_to_reference(monkeypatch):
+    """torch's CPU FlexAttention kernel can raise on dynamic shapes: the call (and later CPU calls) use the
+    reference backend, with one warning, and the answer is the reference's."""
+    from sparsa.ops import attention as att
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("index out of bounds: 0 <= tmp30 < cur_qSplitSize")
+
+    monkeypatch.setattr(att, "block_sparse_attention_flex", broken)
+    monkeypatch.setattr(att, "_CPU_FLEX_FAILED", False)
+    monkeypatch.setattr(att, "_warned", set())
+    q, k, v = make_qkv(2, 4, 2, 100, 100, 32, seed=5)
+    pattern = BlockPattern.streaming(100, 100, sink=4, window=20, block_q=32)
+    want = block_sparse_attention(q, k, v, pattern, backend="reference")
+    with pytest.warns(UserWarning, match="reference backend"):
+        got = block_sparse_attention(q, k, v, pattern, backend="flex")
+    torch.testing.assert_close(got, want)
+    assert att._CPU_FLEX_FAILED
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later calls go straight to the reference
+        torch.testing.assert_close(block_sparse_attention(q, k, v, pattern, backend="flex"), want)

@@ -17,6 +17,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set[str] = set()
 
 
+_CPU_FLEX_FAILED = False
+
+
+def _mark_cpu_flex_failed() -> None:
+    global _CPU_FLEX_FAILED
+    _CPU_FLEX_FAILED = True
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -59,10 +67,24 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
         key_padding_mask = key_padding_mask.to(q.device)
 
     chosen = select_backend(backend, q, return_lse)
+    if chosen == "flex" and q.device.type == "cpu" and _CPU_FLEX_FAILED:
+        chosen = "reference"
     if chosen == "flex":
-        out, lse = block_sparse_attention_flex(q, k, v, pattern, causal=causal, scale=float(scale),
-                                               key_padding_mask=key_padding_mask, return_lse=return_lse)
-    else:
+        try:
+            out, lse = block_sparse_attention_flex(q, k, v, pattern, causal=causal, scale=float(scale),
+                                                   key_padding_mask=key_padding_mask, return_lse=return_lse)
+        except RuntimeError as error:
+            if q.device.type != "cpu":
+                raise
+            # torch 2.13's CPU FlexAttention kernel, once recompiled for dynamic shapes, fails its own bounds
+            # check ("index out of bounds: 0 <= tmp < cur_qSplitSize") on many later calls with a key padding
+            # mask: 12 of 40 random padded calls in one process (2026-11-29), none computing wrongly. It raises
+            # rather than computing wrongly, so: the reference backend, for this and every later CPU call.
+            _mark_cpu_flex_failed()
+            warn_once("flex-cpu-error", f"FlexAttention on the CPU failed ({str(error)[-120:]}); using the "
+                                        "reference backend for CPU calls from now on")
+            chosen = "reference"
+    if chosen != "flex":
         out, lse = block_sparse_attention_naive(q, k, v, pattern, causal=causal, scale=float(scale),
                                                 key_padding_mask=key_padding_mask)
     return (out, lse) if return_lse else out
