@@ -229,3 +229,17 @@ def test_compiled_select_matches_eager():
     assert sel.compile  # no fallback happened
     with pytest.raises(ValueError, match="compile"):
         BiFormer(compile="fast")
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill", "sale", "hip", "longheads", "biformer"])
+def test_selection_never_waits_on_the_device(name):
+    """Estimation must not read tensor values on the host (``.item()``, ``bool()``, ``nonzero``...): each is a
+    device sync that stalls the forward pass. On the meta device every such read raises."""
+    from sparsa import registry
+
+    sel = registry.create("prefill", name, dense_below=0)
+    q = torch.empty(2, 8, 1500, 64, device="meta")
+    k = torch.empty(2, 2, 1500, 64, device="meta")
+    pad = torch.empty(2, 1500, dtype=torch.bool, device="meta")
+    pattern = sel.pattern(q, k, key_padding_mask=pad)
+    pattern.density_tensor()
