@@ -62,7 +62,7 @@ case "${1:-}" in
       --methods dense,streaming,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     timeout 150 python benchmarks/prefill_speed.py --lengths 8192,32768 --ttft "" \
-      --methods vertical_slash+compile,hip+compile,hip+reduce-overhead,biformer+compile,longheads+compile \
+      --methods "vertical_slash+compile,hip+compile,hip+reduce-overhead,biformer+compile,longheads+compile,hip:block=128,longheads:block=128,biformer:block=128" \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -4 "$OUT/prefill.txt"
     ;;
   bench-next)  # session 3, one GPU, about 9 minutes, after train-next: ref-small's dense scores to 64K, then

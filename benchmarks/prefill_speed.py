@@ -12,8 +12,8 @@ layers' logits, so its attention has real (sharpened) structure: sinks, locality
 Then the model itself: time to first token of ref-small at 64K and 128K with each method against dense.
 
 Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``;
-a method named ``NAME+compile`` runs with ``compile=True`` (its select() through torch.compile), and
-``NAME+reduce-overhead`` with that compile mode (CUDA graphs).
+methods are named as ``sparsa bench`` names them (``hip:block=128``); ``NAME+compile`` runs with
+``compile=True`` (its select() through torch.compile), and ``NAME+reduce-overhead`` with that compile mode.
 """
 
 from __future__ import annotations
@@ -47,11 +47,16 @@ def median_ms(fn, reps=10, warmup=2):
 
 
 def method_params(name: str) -> tuple[str, dict]:
-    """``"hip+compile"`` -> ``("hip", {"compile": True})``; ``"hip+reduce-overhead"`` -> that compile mode."""
-    base, _, mode = name.partition("+")
-    if not mode:
-        return base, {}
-    return base, {"compile": True if mode == "compile" else mode}
+    """A method as ``sparsa bench`` names it (``"hip:block=128"``), optionally ``+compile`` or ``+MODE``:
+    ``"hip:block=128+compile"`` -> ``("hip", {"block": 128, "compile": True})``."""
+    from sparsa.bench.runner import parse_method
+
+    text, _, mode = name.partition("+")
+    spec = parse_method(text)
+    params = dict(spec.params)
+    if mode:
+        params["compile"] = True if mode == "compile" else mode
+    return spec.name, params
 
 
 def model_activations(model, tokenizer, length: int):
