@@ -83,8 +83,8 @@ def correctness(device="cuda", quick=False):
         k = torch.randn(1, 2, n, 64, device=device, dtype=torch.bfloat16)
         block_sparse_attention(q, k, k, BlockPattern.dense(n, device=device), backend="flex")
     graphs = counters["stats"]["unique_graphs"] - before
-    # Dynamo compiles the first length statically and later ones with dynamic shapes; the padded fast path
-    # (lengths rounded up to 128, seq_lengths given) is a third variant: 3 measured on the H200, 2026-11-29.
+    # Dynamo compiles the first length statically and later ones with dynamic shapes; 3 graphs were measured on
+    # the H200 (2026-11-29), the third most likely the padded fast path's variant (seq_lengths given).
     rows.append(dict(part="correctness", case="graphs compiled for 5 lengths", value=graphs, ok=graphs <= 3))
     ok &= graphs <= 3
     return rows, ok
