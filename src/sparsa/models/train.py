@@ -244,11 +244,12 @@ def load_weights(name_or_dir: str) -> dict:
     """fp32 state dict of a bundled model (``ref-small``) or a model directory, to continue training from."""
     from transformers import AutoModelForCausalLM
 
-    path = Path(name_or_dir)
-    if not path.exists():
-        path = Path(__file__).parent / name_or_dir
-    if not (path / "config.json").exists():
-        raise ValueError(f"init_from: no model at {name_or_dir!r} (a bundled model name or a directory)")
+    from ..bench.runner import resolve_model
+
+    try:
+        path = resolve_model(name_or_dir)
+    except ValueError as error:
+        raise ValueError(f"init_from: {error}") from None
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
 
 

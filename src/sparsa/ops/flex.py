@@ -134,8 +134,9 @@ def split_lists(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tens
 def split_lists_triton(num: Tensor, idx: Tensor, kv_full: Tensor | None, block_ok: Tensor | None,
                        head_map: Tensor | None, causal: bool, bq: int, bk: int, offset: int, kv_len: int,
                        width: int):
-    """``split_lists`` in one Triton launch (the eager version is ~40 small kernels: ~0.3 ms of launch overhead
-    per pattern on the H200, 1-3% of a sparse 128K attention call). Same arguments and results."""
+    """``split_lists`` in one Triton launch. The eager version is ~40 small kernels; even compiled, building a
+    BlockMask took 0.29-0.47 ms per pattern on the H200, 1-3% of a sparse 128K attention call (BENCHMARKS.md,
+    2026-11-29). Same arguments and results."""
     import triton
 
     from ._split_kernels import split_rows_kernel

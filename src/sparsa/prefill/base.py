@@ -7,6 +7,7 @@ import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import Tensor
 
 from ..pattern import BlockPattern
@@ -74,8 +75,6 @@ class Selector:
         return cache[key]
 
     def _compiled_select(self, q: Tensor, k: Tensor, kwargs: dict) -> BlockPattern:
-        import torch
-
         fn = self.__dict__.get("_select_compiled")
         if fn is None:
             mode = self.compile if isinstance(self.compile, str) else None

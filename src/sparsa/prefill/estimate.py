@@ -34,9 +34,10 @@ def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float,
 
 
 def pool_blocks(x: Tensor, length: int, block: int) -> Tensor:
-    """Sum over blocks of the last dim: ``[..., L] -> [..., ceil(L / block)]``."""
-    kb = -(-length // block)
-    return torch.nn.functional.pad(x, (0, kb * block - length)).view(*x.shape[:-1], kb, block).sum(-1)
+    """Sum over blocks of the last dim (of size ``length``): ``[..., L] -> [..., ceil(L / block)]``."""
+    from ..ops.vertical_slash import pool_sum
+
+    return pool_sum(x[..., :length], block)
 
 
 def band_tiles(col_blocks: Tensor, bands: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
