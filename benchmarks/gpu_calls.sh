@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_calls.sh next           # session 3: verify session 2's fixes, compiled estimation
 #   bash benchmarks/gpu_calls.sh train-next     # session 3 (x2): ref-small stage 3 beside `next`
 #   bash benchmarks/gpu_calls.sh bench-next     # session 3: the new ref-small's dense scores and accuracy table
+#   bash benchmarks/gpu_calls.sh overhead       # session 3: cached shape constants, mask build, CUDA graphs
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,5 +77,18 @@ case "${1:-}" in
       --tasks niah_single,niah_multikey,vt --lengths 8192,16384,32768 --depths none -n 10 \
       --out "$OUT/bench-ref-small.jsonl" --no-progress > "$OUT/bench.txt" 2>&1; tail -16 "$OUT/bench.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next" >&2; exit 2 ;;
+  overhead)  # session 3, one GPU, about 7 minutes: correctness, then the estimation and BlockMask overhead cuts
+              # (shape-only tensors cached, fewer launches) and the compiled / CUDA-graph estimation
+    timeout 60 python benchmarks/gpu_check.py --quick --lengths 8192 --jsonl "$OUT/check.jsonl" 2>&1 \
+      | grep -v Warning | tail -8
+    timeout 50 python benchmarks/speed.py --lengths 131072 --densities 0.1,0.05 --time-limit 40 \
+      --sdpa-backends flash,cudnn --jsonl "$OUT/speed.jsonl" 2>&1 | tail -9
+    timeout 170 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods dense,streaming,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -3 "$OUT/prefill.txt"
+    timeout 140 python benchmarks/prefill_speed.py --lengths 8192,32768 --ttft "" \
+      --methods "biformer+reduce-overhead,vertical_slash+reduce-overhead,hip+reduce-overhead" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -12 "$OUT/prefill.txt"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead" >&2; exit 2 ;;
 esac

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from ._shapes import device_key, shape_constant
 from .masks import Neighborhood1D, Neighborhood2D, SinkWindow, TokenMask
 
 DEFAULT_BLOCK = 128
@@ -50,16 +51,26 @@ def _geometry(q_len: int, kv_len: int, block_q: int, block_k: int) -> None:
 
 def last_visible_block(q_len: int, kv_len: int, block_q: int, block_k: int, device=None) -> Tensor:
     """Per query block, the last key block that its last query can see under causal masking ``[Qb]``."""
-    r = torch.arange(_cdiv(q_len, block_q), device=device)
-    last_q = torch.clamp((r + 1) * block_q, max=q_len) - 1 + (kv_len - q_len)
-    return last_q // block_k
+    def make():
+        r = torch.arange(_cdiv(q_len, block_q), device=device)
+        last_q = torch.clamp((r + 1) * block_q, max=q_len) - 1 + (kv_len - q_len)
+        return last_q // block_k
+
+    return shape_constant(("last_visible_block", q_len, kv_len, block_q, block_k, device_key(device)), make)
 
 
 def causal_block_mask(q_len, kv_len, block_q, block_k, device=None) -> Tensor:
     """``[Qb, Kb]`` bool: tiles that hold at least one causally visible (query, key) pair."""
-    last = last_visible_block(q_len, kv_len, block_q, block_k, device)
-    c = torch.arange(_cdiv(kv_len, block_k), device=device)
-    return c[None, :] <= last[:, None]
+    def make():
+        last = last_visible_block(q_len, kv_len, block_q, block_k, device)
+        return arange(_cdiv(kv_len, block_k), device)[None, :] <= last[:, None]
+
+    return shape_constant(("causal_block_mask", q_len, kv_len, block_q, block_k, device_key(device)), make)
+
+
+def arange(n: int, device, dtype=torch.int64) -> Tensor:
+    """``torch.arange(n)``, made once per device (shared: do not modify in place)."""
+    return shape_constant(("arange", n, device_key(device), dtype), lambda: torch.arange(n, device=device, dtype=dtype))
 
 
 @dataclass(frozen=True, eq=False)
@@ -177,10 +188,10 @@ class BlockPattern:
         # Selected columns move to the front in increasing order by a cumulative-sum scatter, linear in the
         # map's size (a sort per row cost more: 32M entries at 128K tokens, 32 heads); the rest stays 0.
         slot = torch.where(mask, mask.cumsum(-1) - 1, kb)  # unselected entries go to a spill column
-        col = torch.arange(kb, device=mask.device, dtype=torch.int32).expand(mask.shape)
+        col = arange(kb, mask.device, torch.int32).expand(mask.shape)
         idx = torch.zeros(*mask.shape[:-1], kb + 1, dtype=torch.int32, device=mask.device)
         idx = idx.scatter_(-1, slot, col)[..., :kb]
-        valid = torch.arange(kb, device=mask.device) < num[..., None]
+        valid = arange(kb, mask.device) < num[..., None]
         full = None
         if token_mask is not None:
             # Without a full map nothing is known to be fully visible: kernels must evaluate the token mask
@@ -289,7 +300,7 @@ class BlockPattern:
             num = last_visible_block(q_len, kv_len, block_q, block_k, device) + 1
         else:
             num = torch.full((qb,), kb, device=device)
-        idx = torch.arange(kb, dtype=torch.int32, device=device).expand(1, 1, qb, kb)
+        idx = arange(kb, device, torch.int32).expand(1, 1, qb, kb)
         return cls(num.to(torch.int32).view(1, 1, qb), idx, block_q, block_k, q_len, kv_len)
 
     @classmethod
@@ -418,7 +429,7 @@ class BlockPattern:
         if keep_diagonal:
             last = last_visible_block(q_len, kv_len, block_q, block_k, scores.device) if causal else None
             if last is not None:
-                diag = torch.arange(kb, device=scores.device)[None, :] == last.clamp(max=kb - 1)[:, None]
+                diag = arange(kb, scores.device)[None, :] == last.clamp(max=kb - 1)[:, None]
                 picked = picked | diag
         if keep_first:
             picked[..., 0] = True

@@ -13,6 +13,7 @@ import weakref
 import torch
 from torch import Tensor
 
+from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern
 from .naive import pattern_head_map
 
@@ -65,7 +66,8 @@ def build_block_mask(pattern: BlockPattern, batch: int, num_q_heads: int, num_kv
     kv_full = None if pattern.kv_full is None else pattern.kv_full.to(device)
     head_map = None
     if pattern.heads != 1 and pattern.heads != num_q_heads:  # per-KV-head pattern: each query head reads its group's
-        head_map = pattern_head_map(pattern, num_q_heads, num_kv_heads, device)
+        head_map = shape_constant(("head_map", pattern.heads, num_q_heads, num_kv_heads, device_key(device)),
+                                  lambda: pattern_head_map(pattern, num_q_heads, num_kv_heads, device).int())
     if key_padding_mask is not None and num.shape[0] != batch:
         num, idx = num.expand(batch, *num.shape[1:]), idx.expand(batch, *idx.shape[1:])
         kv_full = None if kv_full is None else kv_full.expand(batch, *kv_full.shape[1:])
@@ -197,9 +199,10 @@ def _from_kv_blocks_args():
 
 def _mask_mod(causal, offset, kv_len, pad, token_mask, device):
     # Offsets and lengths are tensors, not Python ints, so that compiled code is reused across lengths; made
-    # with a fill kernel (torch.full), not a blocking host-to-device copy (torch.tensor).
-    offset_t = torch.full((), offset, device=device, dtype=torch.int64)
-    kv_len_t = torch.full((), kv_len, device=device, dtype=torch.int64)
+    # once per value with a fill kernel (torch.full), not a blocking host-to-device copy (torch.tensor).
+    offset_t, kv_len_t = (shape_constant(("scalar", value, device_key(device)),
+                                         lambda value=value: torch.full((), value, device=device, dtype=torch.int64))
+                          for value in (offset, kv_len))
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = kv_idx < kv_len_t

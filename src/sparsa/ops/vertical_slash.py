@@ -20,6 +20,8 @@ import os
 import torch
 from torch import Tensor
 
+from .._shapes import device_key, shape_constant
+
 
 def vertical_slash_scores_naive(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: float,
                                 key_padding_mask: Tensor | None = None,
@@ -100,8 +102,11 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slas
     part_max = torch.empty(b * hq, p_pad, nsplit, dtype=torch.float32, device=k.device)
     part_sum = torch.empty_like(part_max)
     # Key padding as a per-key additive bias (0 or -inf), read with each key tile.
-    bias = torch.zeros(b, lk, dtype=torch.float32, device=k.device)
-    if key_padding_mask is not None:
+    if key_padding_mask is None:  # all zeros: made once per shape
+        bias = shape_constant(("zeros", b, lk, device_key(k.device)),
+                              lambda: torch.zeros(b, lk, dtype=torch.float32, device=k.device))
+    else:
+        bias = torch.zeros(b, lk, dtype=torch.float32, device=k.device)
         bias.masked_fill_(~key_padding_mask.to(k.device), float("-inf"))
     common = dict(D=d, HQ=hq, GROUP=hq // hkv, SCALE=scale * math.log2(math.e), BLOCK_P=block_p, BLOCK_D=block_d,
                   BLOCK_N=block_n)

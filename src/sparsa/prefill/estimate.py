@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..pattern import causal_block_mask, last_visible_block
+from .._shapes import device_key, shape_constant
+from ..pattern import arange, causal_block_mask, last_visible_block
 
 
 def group_queries(q: Tensor, num_kv_heads: int) -> Tensor:
@@ -52,9 +53,12 @@ def band_tiles(col_blocks: Tensor, bands: Tensor, q_len: int, kv_len: int, block
 def sample_rows(q_len: int, block: int, samples: int, device) -> Tensor:
     """``[Qb, S]`` local query indices: ``samples`` evenly spaced queries per query block, ending at the
     block's last query (the one that sees every key block the block may select)."""
-    s = torch.arange(samples, device=device)
-    offs = (block - 1) - ((samples - 1 - s) * block) // samples
-    return (torch.arange(-(-q_len // block), device=device)[:, None] * block + offs).clamp(max=q_len - 1)
+    def make():
+        s = torch.arange(samples, device=device)
+        offs = (block - 1) - ((samples - 1 - s) * block) // samples
+        return (torch.arange(-(-q_len // block), device=device)[:, None] * block + offs).clamp(max=q_len - 1)
+
+    return shape_constant(("sample_rows", q_len, block, samples, device_key(device)), make)
 
 
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
@@ -63,7 +67,7 @@ def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     n = scores.shape[-1]
     order = torch.argsort(scores, dim=-1, descending=True)
     rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
+    rank.scatter_(-1, order, arange(n, scores.device).expand_as(order))
     if isinstance(count, Tensor):
         while count.dim() < scores.dim():
             count = count.unsqueeze(-1)
@@ -79,18 +83,30 @@ def block_tiles(col_blocks: Tensor, diag_blocks: Tensor, q_len: int, kv_len: int
     device = col_blocks.device
     kb = col_blocks.shape[-1]
     visible = causal_block_mask(q_len, kv_len, block, block, device)  # [Qb, Kb]
-    last = last_visible_block(q_len, kv_len, block, block, device)
-    distance = last[:, None] - torch.arange(kb, device=device)[None, :]  # [Qb, Kb]
+    distance, on_diagonal = _diagonals(q_len, kv_len, block, kb, device)
     lead = diag_blocks.shape[:2]
-    on_band = torch.gather(diag_blocks[:, :, None, :].expand(*lead, len(last), kb), -1,
-                           distance.clamp(min=0).expand(*lead, -1, -1))
-    return (col_blocks[:, :, None, :] | (on_band & (distance >= 0))) & visible
+    on_band = torch.gather(diag_blocks[:, :, None, :].expand(*lead, *distance.shape), -1,
+                           distance.expand(*lead, -1, -1))
+    return (col_blocks[:, :, None, :] | (on_band & on_diagonal)) & visible
+
+
+def _diagonals(q_len: int, kv_len: int, block: int, kb: int, device) -> tuple[Tensor, Tensor]:
+    """``[Qb, Kb]``: which block-diagonal each tile is on (clamped at 0), and whether it is on or below the
+    diagonal at all. Shape-only, so cached."""
+    def distance():
+        return last_visible_block(q_len, kv_len, block, block, device)[:, None] - arange(kb, device)[None, :]
+
+    key = (q_len, kv_len, block, kb, device_key(device))
+    return (shape_constant(("diagonal", *key), lambda: distance().clamp(min=0)),
+            shape_constant(("below_diagonal", *key), lambda: distance() >= 0))
 
 
 def force_sink_and_diagonal(tiles: Tensor, q_len: int, kv_len: int, block_q: int, block_k: int) -> Tensor:
     """Always compute key block 0 and each query block's last visible (diagonal) block: no row is empty."""
-    last = last_visible_block(q_len, kv_len, block_q, block_k, tiles.device)
-    diag = torch.arange(tiles.shape[-1], device=tiles.device)[None, :] == last[:, None]
+    kb, device = tiles.shape[-1], tiles.device
+    diag = shape_constant(
+        ("diagonal_tiles", q_len, kv_len, block_q, block_k, kb, device_key(device)),
+        lambda: arange(kb, device)[None, :] == last_visible_block(q_len, kv_len, block_q, block_k, device)[:, None])
     tiles = tiles | diag
     tiles[..., 0] = True
     return tiles

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..pattern import BlockPattern, causal_block_mask
+from .._shapes import device_key, shape_constant
+from ..pattern import BlockPattern, arange, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores, top_indices
+from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores
 
 
 @register("prefill", "flexprefill")
@@ -71,59 +72,65 @@ class FlexPrefill(Selector):
         vertical, s_blocks = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=bs)
         mass = vertical.sum(-1, keepdim=True).clamp(min=1e-12)
         vertical, s_blocks = vertical / mass, s_blocks / mass  # each sums to 1 per head
-        kb = -(-lk // bs)
         v_blocks = pool_blocks(vertical, lk, bs)
-        lo, hi = max(self.min_budget // bs, 1), kb if self.max_budget is None else max(self.max_budget // bs, 1)
-        n_v = (_cover(vertical, self.gamma) // bs + 1).clamp(lo, hi)
-        n_s = _cover(s_blocks, self.gamma).clamp(lo, hi)  # bands covering gamma of the diagonal mass
-        vs_tiles = band_tiles(top_indices(v_blocks, n_v), top_indices(s_blocks, n_s), lq, lk, bs)
-        query_aware = self._js_distance(q, k, v_blocks, scale, lq, lk) < self.tau  # [B, Hq]
-        # The query-aware map costs a sort of Qb x Kb entries per head. Up to 2**16 tiles (32K tokens at 128-token
-        # blocks) it is cheaper to build it for every head than to ask the device whether any head needs it
-        # (a host sync); above that, ask.
-        if -(-lq // bs) * kb <= 1 << 16 or bool(query_aware.any()):
-            floor = band_tiles(top_indices(v_blocks, lo), top_indices(s_blocks, lo), lq, lk, bs)
-            qa_tiles = floor | self._query_aware_tiles(q, k, scale)
-            vs_tiles = torch.where(query_aware[..., None, None], qa_tiles, vs_tiles)
-        tiles = force_sink_and_diagonal(vs_tiles, lq, lk, bs, bs)
+        pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
+        query_aware = self._js_distance(q, pooled_k, v_blocks, scale) < self.tau  # [B, Hq]
+        s_sorted, s_order = torch.sort(s_blocks, dim=-1, descending=True)  # for both the budget and the ranking
+        n_v, n_s = self._budgets(vertical, s_sorted, query_aware)
+        v_order = torch.argsort(v_blocks, dim=-1, descending=True)
+        tiles = band_tiles(_rank(v_order) < n_v, _rank(s_order) < n_s, lq, lk, bs)
+        # The query-aware map is built for every head, not only once the device says that some head needs it:
+        # asking is a host sync per layer (and a graph break under torch.compile). On layers with no query-aware
+        # head the map is wasted: a sort of Qb x Kb entries per head, 5.6 ms at 128K tokens on the H200 (dense
+        # SDPA: 235 ms), +0.3 GiB at its peak (B=1), which a layer with one such head needs anyway.
+        # tau = 0 makes no head query-aware (the distance is >= 0): then it is skipped.
+        if self.tau > 0:
+            tiles = tiles | (self._query_aware_tiles(q, pooled_k, lk, scale) & query_aware[..., None, None])
+        tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
         return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
 
+    def _budgets(self, vertical: Tensor, s_sorted: Tensor, query_aware: Tensor) -> tuple[Tensor, Tensor]:
+        """How many vertical blocks and slash bands each head keeps ``[B, Hq, 1]``: enough to cover ``gamma``
+        of the probes' mass, within [min_budget, max_budget]; query-aware heads keep only the min_budget floor
+        (their block map does the rest). ``s_sorted``: slash scores in descending order."""
+        bs, kb = self.block, s_sorted.shape[-1]
+        lo, hi = max(self.min_budget // bs, 1), kb if self.max_budget is None else max(self.max_budget // bs, 1)
+        n_v = (_cover(torch.sort(vertical, dim=-1, descending=True).values, self.gamma) // bs + 1).clamp(lo, hi)
+        n_s = _cover(s_sorted, self.gamma).clamp(lo, hi)  # bands covering gamma of the diagonal mass
+        return n_v.masked_fill(query_aware, lo)[..., None], n_s.masked_fill(query_aware, lo)[..., None]
+
+    @torch.compiler.disable  # host-side and data-dependent (unique): runs eagerly, never inside a compiled graph
     def _probe_index(self, lq: int, device) -> Tensor:
         """Local indices of the probe queries: ``probe_blocks`` blocks spread evenly, the last one included.
-        Cached per length and device: every layer of a pass probes the same rows, and building them on the CPU
-        costs a host-to-device copy (a sync on CUDA)."""
-        cache = self.__dict__.setdefault("_probe_cache", {})
-        key = (lq, str(device))
-        if key not in cache:
+        Cached: every layer of a pass probes the same rows, and building them on the CPU costs a host-to-device
+        copy (a sync on CUDA)."""
+        def make():
             bs = min(self.block, lq)
             ends = torch.linspace(lq, bs, steps=self.probe_blocks).round().long().unique()
-            cache.clear()
-            cache[key] = (ends[:, None] - bs + torch.arange(bs)[None, :]).flatten().to(device)
-        return cache[key]
+            return (ends[:, None] - bs + torch.arange(bs)[None, :]).flatten().to(device)
 
-    def _js_distance(self, q, k, v_blocks, scale, lq, lk) -> Tensor:
+        return shape_constant(("flexprefill_probes", lq, self.block, self.probe_blocks, device_key(device)), make)
+
+    def _js_distance(self, q, pooled_k, v_blocks, scale) -> Tensor:
         """sqrt(JS) between softmax(mean of the last query block . block-mean keys) and the probed vertical mass."""
-        bs = self.block
-        last = group_queries(q[:, :, max(lq - bs, 0):], k.shape[1]).float().mean(-2)  # [B, Hkv, G, D]
-        pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
+        last = group_queries(q[:, :, max(q.shape[2] - self.block, 0):], pooled_k.shape[1]).float().mean(-2)
         logits = torch.einsum("bhgd,bhkd->bhgk", last, pooled_k).flatten(1, 2) * scale
         estimate = torch.softmax(logits, -1)
         target = v_blocks / v_blocks.sum(-1, keepdim=True).clamp(min=1e-12)
-        mid = 0.5 * (estimate + target)
-        js = 0.5 * (_kl(estimate, mid) + _kl(target, mid))
+        log_mid = _log(0.5 * (estimate + target))
+        js = 0.5 * (_kl(estimate, log_mid) + _kl(target, log_mid))
         return js.clamp(min=0).sqrt()
 
-    def _query_aware_tiles(self, q, k, scale) -> Tensor:
+    def _query_aware_tiles(self, q, pooled_k, lk, scale) -> Tensor:
         """Block attention of pooled queries over pooled keys; the largest tiles over the whole map until
         ``gamma`` of its mass (each row's softmax sums to 1, so the map's mass is the number of rows)."""
-        lq, lk, bs = q.shape[2], k.shape[2], self.block
-        pooled_q = group_queries(_mean_pool(q, lq, bs), k.shape[1])  # [B, Hkv, G, Qb, D]
-        pooled_k = _mean_pool(k, lk, bs)
+        lq, bs = q.shape[2], self.block
+        pooled_q = group_queries(_mean_pool(q, lq, bs), pooled_k.shape[1])  # [B, Hkv, G, Qb, D]
         logits = torch.einsum("bhgqd,bhkd->bhgqk", pooled_q, pooled_k).flatten(1, 2) * scale
         visible = causal_block_mask(lq, lk, bs, bs, q.device)
-        probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1)  # [B, Hq, Qb, Kb]
-        flat = probs.flatten(-2)
-        vals, order = torch.sort(flat, dim=-1, descending=True)
+        hidden = shape_constant(("flexprefill_hidden", lq, lk, bs, device_key(q.device)), lambda: ~visible)
+        probs = torch.softmax(logits.masked_fill(hidden, float("-inf")), -1)  # [B, Hq, Qb, Kb]
+        vals, order = torch.sort(probs.flatten(-2), dim=-1, descending=True)
         keep = (torch.cumsum(vals, -1) - vals) < self.gamma * probs.shape[-2]
         picked = torch.zeros_like(keep).scatter_(-1, order, keep)
         return picked.view_as(probs) & visible
@@ -142,11 +149,19 @@ def _mean_pool(x: Tensor, length: int, block: int) -> Tensor:
     return torch.cat(parts, -2) if len(parts) > 1 else parts[0]
 
 
-def _cover(scores: Tensor, gamma: float) -> Tensor:
-    """Per row, how many of the highest entries reach ``gamma`` of the row's mass."""
-    vals = torch.sort(scores, dim=-1, descending=True).values
+def _cover(vals: Tensor, gamma: float) -> Tensor:
+    """Per row of scores sorted in descending order, how many of the first reach ``gamma`` of the row's mass."""
     return (torch.cumsum(vals, -1) <= gamma * vals.sum(-1, keepdim=True)).sum(-1) + 1
 
 
-def _kl(p: Tensor, q: Tensor) -> Tensor:
-    return (p * (torch.log(p.clamp(min=1e-12)) - torch.log(q.clamp(min=1e-12)))).sum(-1)
+def _rank(order: Tensor) -> Tensor:
+    """Each entry's place in the order given by a sort's indices: ``rank < count`` keeps the ``count`` first."""
+    return torch.empty_like(order).scatter_(-1, order, arange(order.shape[-1], order.device).expand_as(order))
+
+
+def _log(p: Tensor) -> Tensor:
+    return torch.log(p.clamp(min=1e-12))
+
+
+def _kl(p: Tensor, log_q: Tensor) -> Tensor:
+    return (p * (_log(p) - log_q)).sum(-1)

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
@@ -99,94 +100,124 @@ class HiP(Selector):
         if lq > lk:
             raise ValueError(f"{self.name}: q has more positions ({lq}) than k ({lk})")
         bs, dev = self.block, q.device
-        qb = -(-lq // bs)
-        topk = self.topk_blocks
-        win = -(-self.sliding_window // bs)
-        n_sink = -(-self.sink // bs)
-
-        last = last_visible_block(lq, lk, bs, bs, dev)  # [Qb] the diagonal block of each query block
-        local_lo = (last - win).clamp(min=0)  # first local-window block
-        lo0 = torch.full_like(last, n_sink)
-        hi0 = torch.maximum(local_lo, lo0)  # search range [n_sink, local_lo), empty if none
-        n = hi0 - lo0
-
-        # Initial nodes: the search range cut into topk contiguous pieces (empty pieces when it is shorter).
-        cuts = lo0[:, None] + (n[:, None] * torch.arange(topk + 1, device=dev)) // topk  # [Qb, topk+1]
-        lo = cuts[:, :-1].expand(batch, hkv, qb, topk)
-        hi = cuts[:, 1:].expand(batch, hkv, qb, topk)
+        win, n_sink = -(-self.sliding_window // bs), -(-self.sink // bs)
+        nodes = self._layout("nodes", lq, lk, dev)
+        nodes = nodes.expand(batch, hkv, *nodes.shape)
 
         # Levels: enough halvings to bring the largest initial node (of the last row, the longest range) to 1.
+        topk = self.topk_blocks
         n_max = max(0, max((lk - 1) // bs - win, 0) - n_sink)
         levels = math.ceil(math.log2(-(-n_max // topk))) if n_max > topk else 0
         real = None if key_padding_mask is None else key_padding_mask.to(device=dev, dtype=torch.bool)
         if levels:
-            q_rep, q_pos = self._query_samples(q, hkv, lk)
-            visible_q = q_pos[None, None, :, None, None, :]  # [1, 1, Qb, 1, 1, S]
-            if real is not None:  # positions of padded sampled queries never see a key
-                visible_q = torch.where(real[:, q_pos][:, None, :, None, None, :], visible_q, -1)
-                next_real, prev_real = _real_neighbours(real)
-        for _ in range(levels):
-            mid = (lo + hi) // 2
-            c_lo = torch.stack((lo, mid), -1).flatten(-2)  # [B, Hkv, Qb, 2k]
-            c_hi = torch.stack((mid, hi), -1).flatten(-2)
-            alive = c_hi > c_lo
-            if real is None:
-                centre = torch.where(alive, (c_lo + c_hi) * bs // 2, 0)  # the child's centre token
-            else:  # the centre of the child's real keys; a child made only of padding is dead
-                centre, has_real = _real_centre(c_lo * bs, c_hi * bs, next_real, prev_real)
-                alive = alive & has_real
-                centre = torch.where(alive, centre, 0)
-            keys = torch.gather(k, 2, centre.reshape(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
-            keys = keys.view(batch, hkv, qb, 2 * topk, dim).float()
-            s = torch.einsum("bhgrsd,bhrcd->bhrcgs", q_rep, keys)  # [B, Hkv, Qb, 2k, G, S]
-            visible = visible_q >= centre[..., None, None]
-            s = s.masked_fill(~visible, float("-inf")).amax((-2, -1))
-            s = s.masked_fill(~alive, float("-inf"))
-            best = torch.topk(s, topk, dim=-1).indices
-            lo, hi = torch.gather(c_lo, -1, best), torch.gather(c_hi, -1, best)
+            nodes = self._search(q, k, nodes, levels, real)
+        lo, hi = nodes.unbind(-1)
         picked = hi > lo  # single blocks (or empty pieces) by now
         if real is not None:  # a block made only of padding is never picked (dead nodes can fill a short top-k)
             kb = -(-lk // bs)
             block_real = torch.nn.functional.pad(real, (0, kb * bs - lk)).view(batch, 1, 1, kb, bs).any(-1)
-            picked = picked & torch.gather(block_real.expand(batch, hkv, qb, kb), -1, lo.clamp(max=kb - 1))
+            picked = picked & torch.gather(block_real.expand(*lo.shape[:3], kb), -1, lo.clamp(max=kb - 1))
 
-        sink_idx = torch.arange(n_sink, device=dev).expand(qb, n_sink)
-        sink_ok = sink_idx < local_lo[:, None]
-        local_idx = local_lo[:, None] + torch.arange(win + 1, device=dev)
-        local_ok = local_idx <= last[:, None]
-        shape = (batch, hkv, qb)
-        idx = torch.cat((sink_idx.expand(*shape, n_sink), lo, local_idx.expand(*shape, win + 1)), -1)
-        ok = torch.cat((sink_ok.expand(*shape, n_sink), picked, local_ok.expand(*shape, win + 1)), -1)
+        shape = (batch, hkv, -1, -1)
+        idx = torch.cat((self._layout("forced", lq, lk, dev).expand(shape), lo), -1)
+        ok = torch.cat((self._layout("forced_ok", lq, lk, dev).expand(shape), picked), -1)
         return BlockPattern.from_index_lists(idx, ok, q_len=lq, kv_len=lk, block=bs)
 
-    def _query_samples(self, q: Tensor, hkv: int, lk: int) -> tuple[Tensor, Tensor]:
-        """``[B, Hkv, G, Qb, S, D]`` float32 sampled queries and their positions ``[Qb, S]``."""
+    def _search(self, q: Tensor, k: Tensor, nodes: Tensor, levels: int, real: Tensor | None) -> Tensor:
+        """The tree search from ``nodes [B, Hkv, Qb, k, 2]`` (block ranges ``[lo, hi)``): ``levels`` times, halve
+        every node and keep the k best children of each row. Returns the final nodes, single blocks or empty."""
+        batch, hkv, qb, topk, _ = nodes.shape
+        bs, dim = self.block, k.shape[3]
+        q_rep, rows = self._query_samples(q, hkv)
+        # With a window block before the diagonal, every searched key precedes every query of the block (the search
+        # ends before block last - 1, which starts before the block's first query): no causal mask is needed.
+        q_pos = None
+        if real is not None or self.sliding_window == 0:
+            q_pos = (rows + (k.shape[2] - q.shape[2]))[:, None, :, None]  # [Qb, 1, S, 1] against [.., Qb, 2k, S, G]
+        if real is None:
+            # A child [a, b) is scored by its centre token (a + b) * block / 2, a multiple of block / 2: only those
+            # keys are ever read, so they are converted to float once (1/32 of K at block 64).
+            half = bs // 2
+            source = k[:, :, ::half].float()
+        else:  # the centre of a child's real keys can be any token
+            source = k
+            spans = _real_spans(real, bs)
+            q_pos = torch.where(real[:, q_pos], q_pos, -1)[:, None]  # padded queries see no key
+        for _ in range(levels):
+            children = _halve(nodes)  # [B, Hkv, Qb, 2k, 2]
+            c_lo, c_hi = children.unbind(-1)
+            if real is None:
+                alive = c_hi > c_lo
+                at = children.sum(-1)  # the centre token in units of block / 2 (in range for dead children too)
+                centre = None if q_pos is None else at * half
+            else:  # the centre of the child's real keys; a child made only of padding is dead
+                centre, alive = _real_centre(c_lo, c_hi, *spans)
+                centre = at = torch.where(alive, centre, 0)
+            keys = torch.gather(source, 2, at.view(batch, hkv, -1, 1).expand(-1, -1, -1, dim))
+            s = torch.matmul(keys.view(batch, hkv, qb, 2 * topk, dim).float(), q_rep.transpose(-1, -2))
+            s = s.view(*alive.shape, self.query_samples, -1)  # [B, Hkv, Qb, 2k, S, G]
+            if q_pos is not None:
+                s = torch.where(q_pos >= centre[..., None, None], s, float("-inf"))
+            s = torch.where(alive, s.amax((-2, -1)), float("-inf"))
+            best = torch.topk(s, topk, dim=-1).indices
+            nodes = torch.gather(children, -2, best[..., None].expand(-1, -1, -1, -1, 2))
+        return nodes
+
+    def _query_samples(self, q: Tensor, hkv: int) -> tuple[Tensor, Tensor]:
+        """``[B, Hkv, Qb, S * G, D]`` float32 sampled queries, sample-major (their scores are reduced over samples
+        and heads together, so the order is free, and this one needs no copy per level), and their rows ``[Qb, S]``."""
         batch, hq, lq, dim = q.shape
-        samples = self.query_samples
-        rows = sample_rows(lq, self.block, samples, q.device)  # [Qb, S]
-        qb = rows.shape[0]
-        rep = q.index_select(2, rows.flatten()).float()
-        return rep.view(batch, hkv, hq // hkv, qb, samples, dim), rows + (lk - lq)
+        rows = sample_rows(lq, self.block, self.query_samples, q.device)
+        by_position = q.view(batch, hkv, hq // hkv, lq, dim).transpose(2, 3)  # [B, Hkv, Lq, G, D]
+        rep = by_position.index_select(2, rows.flatten()).float()
+        return rep.view(batch, hkv, rows.shape[0], -1, dim), rows
+
+    def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
+        """One of ``_make_layout``'s shape-only tensors, made once per geometry and device (shared: read only)."""
+        key = ("hip", name, lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, device_key(device))
+        return shape_constant(key, lambda: self._make_layout(lq, lk, device)[name])
+
+    def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
+        """Per query block: ``nodes [Qb, k, 2]``, the search range [sink blocks, local window) cut into k
+        contiguous block ranges ``[lo, hi)`` (empty pieces when it is shorter); ``forced [Qb, F]``, the sink and
+        local window blocks, and ``forced_ok``, which of them are computed."""
+        bs, topk = self.block, self.topk_blocks
+        win, n_sink = -(-self.sliding_window // bs), -(-self.sink // bs)
+        last = last_visible_block(lq, lk, bs, bs, device)  # [Qb] the diagonal block of each query block
+        local_lo = (last - win).clamp(min=0)  # first local-window block
+        hi0 = local_lo.clamp(min=n_sink)  # search range [n_sink, hi0), empty if none
+        cuts = n_sink + ((hi0 - n_sink)[:, None] * torch.arange(topk + 1, device=device)) // topk  # [Qb, k+1]
+        sink = torch.arange(n_sink, device=device).expand(len(last), n_sink)
+        local = local_lo[:, None] + torch.arange(win + 1, device=device)
+        return {"nodes": torch.stack((cuts[:, :-1], cuts[:, 1:]), -1),
+                "forced": torch.cat((sink, local), -1),
+                "forced_ok": torch.cat((sink < local_lo[:, None], local <= last[:, None]), -1)}
 
 
-def _real_neighbours(real: Tensor) -> tuple[Tensor, Tensor]:
-    """``real [B, L]`` bool: per position, the first real position at or after it (``L`` if none) and the last
-    one at or before it (``-1`` if none), ``[B, L]`` long each."""
+def _halve(nodes: Tensor) -> Tensor:
+    """``[..., k, 2]`` block ranges ``[lo, hi)`` -> their halves ``[..., 2k, 2]``, ``[lo, mid)`` then ``[mid, hi)``."""
+    mid = nodes.sum(-1, keepdim=True) // 2
+    return torch.cat((nodes[..., :1], mid, mid, nodes[..., 1:]), -1).view(*nodes.shape[:-2], -1, 2)
+
+
+def _real_spans(real: Tensor, block: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``real [B, L]`` bool: per position, the first real position at or after it (``L`` if none), ``[B, L]``; per
+    key block ``b``, that of its first token (``starts``) and one past the last real position before it (``stops``,
+    0 if none), ``[B, >= ceil(L / block)]`` each: a block range's real keys are then two look-ups away."""
     length = real.shape[-1]
-    pos = torch.arange(length, device=real.device).expand_as(real)
+    pos = torch.arange(length, device=real.device)
     next_real = torch.where(real, pos, length).flip(-1).cummin(-1).values.flip(-1)
-    prev_real = torch.where(real, pos, -1).cummax(-1).values
-    return next_real, prev_real
+    stop = torch.where(real, pos + 1, 0).cummax(-1).values  # one past the last real position at or before each
+    return next_real, next_real[:, ::block], torch.nn.functional.pad(stop[:, block - 1::block], (1, 0))
 
 
-def _real_centre(start: Tensor, end: Tensor, next_real: Tensor, prev_real: Tensor) -> tuple[Tensor, Tensor]:
-    """Representative key of token spans ``[start, end)`` (``[B, ...]``, non-empty or ignored): the centre of the
-    span's real keys (the first to the last real key; the next real key when the centre is a padded hole), and
-    whether the span holds a real key. Without padding it is the span's centre token, ``(start + end) // 2``."""
-    batch, length = next_real.shape
-    flat = lambda t: t.reshape(batch, -1).clamp(0, length - 1)  # noqa: E731
-    first = torch.gather(next_real, 1, flat(start)).view_as(start)
-    last = torch.gather(prev_real, 1, flat(end - 1)).view_as(end)
-    has_real = (first <= last) & (end > start)
-    centre = torch.gather(next_real, 1, flat((first + last + 1) // 2)).view_as(start)
-    return centre, has_real
+def _real_centre(lo: Tensor, hi: Tensor, next_real: Tensor, starts: Tensor, stops: Tensor) -> tuple[Tensor, Tensor]:
+    """Representative key of block ranges ``[lo, hi)`` (``[B, ...]``): the centre of the range's real keys (the
+    first to the last real key; the next real key when the centre is a padded hole), and whether the range holds a
+    real key (never when it is empty). Without padding it is the range's centre token, ``(lo + hi) * block // 2``.
+    The centre of a range without real keys may be ``L``: mask it before use."""
+    flat = lambda t: t.reshape(len(next_real), -1)  # noqa: E731
+    first = torch.gather(starts, 1, flat(lo)).view_as(lo)
+    stop = torch.gather(stops, 1, flat(hi)).view_as(hi)
+    centre = torch.gather(next_real, 1, flat((first + stop) // 2)).view_as(lo)
+    return centre, first < stop

@@ -35,7 +35,9 @@ Deviations from the paper, stated plainly:
   keys (``O(L d)``), and the chunk key is, as in the paper, ``sum_j softmax(summary . k_j / sqrt(d)) k_j``: it
   leans toward the keys that agree with the chunk's dominant direction and away from outliers.
 - Per query block rather than per query (above); estimation is plain PyTorch, batched over batch, heads and
-  query blocks, with memory ``O(Lk d)`` plus ``[Qb, Lk / window_size]`` score maps per head.
+  query blocks, with memory ``O(Lk d)`` plus ``[Qb, Lk / window_size]`` score maps per head (per sampled query
+  too, in slices of query blocks of at most 256 MiB: one matmul per slice rather than one per sample, since on the
+  GPU each launch costs more than its arithmetic).
 
 Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): the summary query and
 the chunk key use the chunk's real keys only, padded sampled queries do not score, and chunks made only of
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
@@ -102,50 +105,66 @@ class LongHeads(Selector):
         if (qb - 1) * bs + off < begin:  # every query block starts before begin_selective_length: dense
             return BlockPattern.dense(lq, lk, block_q=bs, device=dev)
 
-        r = torch.arange(qb, device=dev)
-        last = last_visible_block(lq, lk, bs, bs, dev)  # [Qb]
+        # Forced: chunk 0, the previous..current chunks and, for rows before begin_selective_length, every
+        # causally visible block; then the best-scoring candidate chunks.
+        shape = (batch, hq, -1, -1)
+        blocks = self._layout("forced", lq, lk, dev).expand(shape)
+        ok = self._layout("forced_ok", lq, lk, dev).expand(shape)
+        n_chunks = lk // w
+        ktop = min(self.atten_length // w, n_chunks)
+        if ktop > 0:
+            scores = self._chunk_scores(q, k, n_chunks, key_padding_mask)  # [B, Hq, Qb, n_chunks]
+            cand = self._layout("candidates", lq, lk, dev)
+            top = torch.topk(torch.where(cand, scores, float("-inf")), ktop, dim=-1)
+            # a candidate chunk ends before the query block's chunk: its blocks are causally visible
+            top_blocks = torch.add(self._layout("chunk_block", lq, lk, dev), top.indices[..., None], alpha=per)
+            top_ok = (top.values > float("-inf"))[..., None] & self._layout("slot_ok", lq, lk, dev)
+            blocks = torch.cat((blocks, top_blocks.flatten(-2)), -1)
+            ok = torch.cat((ok, top_ok.flatten(-2)), -1)
+        return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
+
+    def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
+        """One of ``_make_layout``'s shape-only tensors, made once per geometry and device (shared: read only)."""
+        key = ("longheads", name, lq, lk, self.block, self.window_size, self.atten_length, self.begin_selective_length,
+               device_key(device))
+        return shape_constant(key, lambda: self._make_layout(lq, lk, device)[name])
+
+    def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
+        """Per query block: ``forced [Qb, F]``, the key blocks computed whatever the scores, and ``forced_ok``,
+        which of them are; ``candidates [Qb, C]``, the chunks it may pick by score; ``slot_ok [Qb, ktop, per]``,
+        which of the top-scoring slots it uses (repeated for each block of a chunk). ``chunk_block [per]``: the
+        block offsets within a chunk."""
+        bs, w = self.block, self.window_size
+        per, qb, off, begin = w // bs, -(-lq // bs), lk - lq, self.begin_selective_length
+        r = torch.arange(qb, device=device)
+        last = last_visible_block(lq, lk, bs, bs, device)  # [Qb]
         first_pos = r * bs + off
         cur_first = first_pos // w
-        cur_last = ((r + 1) * bs).clamp(max=lq) - 1 + off
-        cur_last = cur_last // w
+        cur_last = (((r + 1) * bs).clamp(max=lq) - 1 + off) // w
         full_row = first_pos < begin  # [Qb]
 
         # Forced: chunk 0 and the previous..current chunks [max(cur_first - 1, 1), cur_last] (at most 3).
-        loc_lo = (cur_first - 1).clamp(min=1)
-        loc = loc_lo[:, None] + torch.arange(3, device=dev)
+        loc = (cur_first - 1).clamp(min=1)[:, None] + torch.arange(3, device=device)
         loc_ok = loc <= cur_last[:, None]
-        total = self.atten_length // w
-        n_top = (total - 1 - loc_ok.sum(-1)).clamp(min=0)  # [Qb]
-
-        # Candidates: the complete chunks [1, cur_first - 1), scored per query head.
-        n_chunks = lk // w
-        ktop = min(total, n_chunks)
-        shape = (batch, hq, qb)
-        chunks = [torch.zeros(qb, 1, dtype=torch.long, device=dev).expand(*shape, 1), loc.expand(*shape, 3)]
-        chunk_ok = [(~full_row)[:, None].expand(*shape, 1), (loc_ok & ~full_row[:, None]).expand(*shape, 3)]
-        if ktop > 0:
-            scores = self._chunk_scores(q, k, n_chunks, key_padding_mask)  # [B, Hq, Qb, n_chunks]
-            c = torch.arange(n_chunks, device=dev)
-            cand = (c >= 1) & (c < cur_first[:, None] - 1)
-            top = torch.topk(scores.masked_fill(~cand, float("-inf")), ktop, dim=-1)
-            rank = torch.arange(ktop, device=dev)
-            top_ok = (top.values > float("-inf")) & (rank < n_top[:, None]) & ~full_row[:, None]
-            chunks.append(top.indices)
-            chunk_ok.append(top_ok)
-        chunks, chunk_ok = torch.cat(chunks, -1), torch.cat(chunk_ok, -1)  # distinct chunks per row
-        blocks = (chunks[..., None] * per + torch.arange(per, device=dev)).flatten(-2)
-        ok = (chunk_ok[..., None].expand(*chunk_ok.shape, per).flatten(-2)
-              & (blocks <= last[:, None]))
-
-        # Rows before begin_selective_length: every causally visible block.
-        if off < begin:  # some rows are full: the last of them is row (begin - 1 - off) // bs
-            row = min(qb - 1, (begin - 1 - off) // bs)
+        chunks = torch.cat((torch.zeros(qb, 1, dtype=torch.long, device=device), loc), -1)  # distinct per row
+        chunk_ok = torch.cat((torch.ones_like(loc_ok[:, :1]), loc_ok), -1) & ~full_row[:, None]
+        chunk_block = torch.arange(per, device=device)
+        blocks = (chunks[..., None] * per + chunk_block).flatten(-2)
+        ok = chunk_ok.repeat_interleave(per, -1) & (blocks <= last[:, None])
+        if off < begin:  # rows before begin_selective_length: every causally visible block
+            row = min(qb - 1, (begin - 1 - off) // bs)  # the last full row
             last_full = (min((row + 1) * bs, lq) - 1 + off) // bs
-            dense = torch.arange(last_full + 1, device=dev).expand(*shape, last_full + 1)
-            dense_ok = (dense <= last[:, None]) & full_row[:, None]
+            dense = torch.arange(last_full + 1, device=device).expand(qb, -1)
             blocks = torch.cat((blocks, dense), -1)
-            ok = torch.cat((ok, dense_ok.expand_as(dense)), -1)
-        return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
+            ok = torch.cat((ok, (dense <= last[:, None]) & full_row[:, None]), -1)
+
+        # Candidates: the complete chunks [1, cur_first - 1); the top slots beyond the forced chunks' share are unused.
+        total, n_chunks = self.atten_length // w, lk // w
+        c = torch.arange(n_chunks, device=device)
+        n_top = (total - 1 - loc_ok.sum(-1)).clamp(min=0)  # [Qb]
+        slot_ok = (torch.arange(min(total, n_chunks), device=device) < n_top[:, None]) & ~full_row[:, None]
+        return {"forced": blocks, "forced_ok": ok, "candidates": (c >= 1) & (c < cur_first[:, None] - 1),
+                "slot_ok": slot_ok[..., None].expand(-1, -1, per), "chunk_block": chunk_block}
 
     def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int, key_padding_mask: Tensor | None = None) -> Tensor:
         """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``.
@@ -174,14 +193,32 @@ class LongHeads(Selector):
         rows = sample_rows(lq, bs, samples, q.device)  # [Qb, S]
         qb = rows.shape[0]
         rep = q.index_select(2, rows.flatten()).view(batch, hkv, hq // hkv, qb, samples, dim)
+        q_real = None
         if key_padding_mask is not None:
             q_real = real[:, rows + (lk - lq)][:, None, None, :, :, None]  # [B, 1, 1, Qb, S, 1]
-        best = None
-        for i in range(samples):  # running max: one [Qb, C] map per head at a time
-            sc = torch.einsum("bhgrd,bhcd->bhgrc", rep[:, :, :, :, i].float(), chunk_key)
-            if key_padding_mask is not None:
-                sc = sc.masked_fill(~q_real[:, :, :, :, i], float("-inf"))
-            best = sc if best is None else torch.maximum(best, sc)
+        best = _max_over_samples(rep, chunk_key, q_real)
         if key_padding_mask is not None:
             best = best.masked_fill((count == 0)[:, :, None, None], float("-inf"))  # [B, 1, 1, 1, C]
         return best.reshape(batch, hq, qb, n_chunks)
+
+
+# Largest float32 intermediate of the sample scoring, in bytes: at 128K tokens (32 query heads, 512 chunks) the
+# scores of all query blocks' samples would take 2 GB, so they are computed a slice of query blocks at a time.
+_SLICE_BYTES = 256 << 20
+
+
+def _max_over_samples(rep: Tensor, chunk_key: Tensor, q_real: Tensor | None) -> Tensor:
+    """``[B, Hkv, G, Qb, C]``: the max over sampled queries ``rep [B, Hkv, G, Qb, S, D]`` of ``q . chunk_key``
+    (``[B, Hkv, C, D]`` float32), in float32, leaving out padded samples (``q_real [B, 1, 1, Qb, S, 1]`` False).
+    One matmul per slice of query blocks, each slice within ``_SLICE_BYTES``."""
+    batch, hkv, group, qb, samples, dim = rep.shape
+    n_chunks = chunk_key.shape[2]
+    step = max(1, _SLICE_BYTES // (batch * hkv * group * samples * max(dim, n_chunks) * 4))
+    parts = []
+    for r in range(0, qb, step):
+        part = rep[:, :, :, r:r + step].float()  # [B, Hkv, G, R, S, D]
+        sc = torch.matmul(part.flatten(2, 4), chunk_key.transpose(-1, -2)).view(*part.shape[:-1], n_chunks)
+        if q_real is not None:
+            sc = torch.where(q_real[:, :, :, r:r + step], sc, float("-inf"))
+        parts.append(sc.amax(-2))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 3)

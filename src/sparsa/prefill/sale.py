@@ -31,11 +31,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..pattern import BlockPattern, causal_block_mask
+from .._shapes import device_key, shape_constant
+from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int
 from ..ops.sale_estimate import passing_tiles
-from .estimate import force_sink_and_diagonal, group_queries
+from .estimate import group_queries
 
 @register("prefill", "sale")
 @dataclass
@@ -61,34 +62,43 @@ class SALE(Selector):
 
     def thresholds(self, heads: int, layer_idx: int | None, device) -> Tensor:
         """Per-query-head thresholds ``[Hq]`` for a layer."""
+        return torch.tensor(self._per_head(heads, layer_idx), dtype=torch.float32, device=device)
+
+    def _per_head(self, heads: int, layer_idx: int | None) -> tuple[float, ...]:
         t = self.threshold
         if isinstance(t, (list, tuple)) and t and isinstance(t[0], (list, tuple)):
             if layer_idx is None or layer_idx >= len(t):
                 raise ValueError(f"sale: thresholds given for {len(t)} layers; none for layer {layer_idx}")
             t = t[layer_idx]
-        t = torch.as_tensor(t, dtype=torch.float32, device=device).flatten()
-        if t.numel() == 1:
-            return t.expand(heads)
-        if heads % t.numel():
-            raise ValueError(f"sale: {t.numel()} thresholds do not divide {heads} query heads")
-        return t.repeat_interleave(heads // t.numel())  # one per KV head: shared by its group
+        t = [float(x) for x in (t if isinstance(t, (list, tuple)) else [t])]
+        if heads % len(t):
+            raise ValueError(f"sale: {len(t)} thresholds do not divide {heads} query heads")
+        return tuple(x for x in t for _ in range(heads // len(t)))  # one per KV head: shared by its group
+
+    def _log_thresholds(self, heads: int, layer_idx: int | None, device) -> Tensor:
+        """``log(theta_h)`` per query head, ``-inf`` for a dense head (theta 0). Cached by value: building it on
+        every call would be a blocking host-to-device copy on CUDA."""
+        values = self._per_head(heads, layer_idx)
+        logs = [math.log(max(x, 1e-30)) if x > 0 else -math.inf for x in values]
+        return shape_constant(("sale_log_threshold", values, device_key(device)),
+                              lambda: torch.tensor(logs, dtype=torch.float32, device=device))
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         lq, lk, bs = q.shape[2], k.shape[2], self.block
         scale = 1.0 / math.sqrt(q.shape[-1])
-        theta = self.thresholds(q.shape[1], layer_idx, q.device)
-        est = _estimate_inputs(q.float(), k.float(), bs, self.bits)
-        m, l = _anchor_stats(q.float(), k.float(), scale, bs, self.local_window, key_padding_mask)  # [B, Hq, Lq]
+        q, k = q.float(), k.float()
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.to(q.device)
+        est = _estimate_inputs(q, k, bs, self.bits)
         if key_padding_mask is not None:  # padded keys never pass: their column term is -inf
-            est = (*est[:5], est[5].masked_fill(~key_padding_mask[:, None, :].to(q.device), float("-inf")))
-        # log(theta * l) + m: the estimated logit a key needs to reach theta of the anchor softmax. A head with
-        # theta 0, or a query whose anchors are all padding, passes every tile.
-        need = m + torch.log(l) + torch.log(theta.clamp(min=1e-30))[None, :, None]
-        dense_rows = (theta[None, :, None] <= 0) | (l <= 0)
-        need = torch.where(dense_rows, torch.full_like(need, float("-inf")), need)
-        tiles = passing_tiles(*est, need, scale, bs) & causal_block_mask(lq, lk, bs, bs, q.device)
-        tiles |= _anchor_tiles(lq, lk, bs, self.local_window, q.device)
-        tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
+            est = (*est[:5], est[5].masked_fill(~key_padding_mask[:, None, :], float("-inf")))
+        # log(theta * l) + m = log(theta) + logsumexp: the estimated logit a key needs to reach theta of the
+        # anchor softmax. -inf, so every tile passes, for a head with theta 0 or a query whose anchors are all
+        # padding (logsumexp -inf).
+        need = _anchor_logsumexp(q, k, scale, bs, self.local_window, key_padding_mask)
+        need = need + self._log_thresholds(q.shape[1], layer_idx, q.device)[:, None]
+        # passing_tiles counts no key after its query, so its tiles are causal already.
+        tiles = passing_tiles(*est, need, scale, bs) | _anchor_tiles(lq, lk, bs, self.local_window, q.device)
         return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
 
 
@@ -99,9 +109,12 @@ def quantize(x: Tensor, groups: int, bits: int) -> tuple[Tensor, Tensor]:
     """
     levels = 2 ** (bits - 1) - 1
     length = x.shape[-2]
-    xp = torch.nn.functional.pad(x, (0, 0, 0, -length % groups)).view(*x.shape[:-2], -1, groups, x.shape[-1])
-    step = xp.abs().amax((-1, -2)).clamp(min=1e-8) / levels
-    ints = torch.round(xp / step[..., None, None]).clamp(-levels, levels).to(torch.int8)
+    if length % groups:  # F.pad copies even when there is nothing to pad
+        x = torch.nn.functional.pad(x, (0, 0, 0, -length % groups))
+    xp = x.view(*x.shape[:-2], -1, groups, x.shape[-1])
+    # max |x| as one reduction: xp.abs() would write a copy of x first
+    step = torch.linalg.vector_norm(xp, math.inf, dim=(-1, -2)).clamp(min=1e-8) / levels
+    ints = (xp / step[..., None, None]).round_().clamp_(-levels, levels).to(torch.int8)
     return ints.view(*x.shape[:-2], -1, x.shape[-1])[..., :length, :], step
 
 
@@ -111,50 +124,67 @@ def _estimate_inputs(q: Tensor, k: Tensor, block: int, bits: int):
     Smoothing (subtracting the means) shrinks the range the integers must cover; the mean terms are exact.
     """
     hkv = k.shape[1]
-    group = q.shape[1] // hkv
     q_mean, k_mean = q.mean(-2, keepdim=True), k.mean(-2, keepdim=True)
     q_s, k_s = q - q_mean, k - k_mean
     q_int, q_scale = quantize(q_s, 1, bits)  # scale [B, Hq, Lq]
     k_int, k_scale = quantize(k_s, block, bits)  # scale [B, Hkv, Kb]
-    row_term = (q_s * k_mean.repeat_interleave(group, 1)).sum(-1)  # [B, Hq, Lq]
-    col_term = (group_queries(q_mean, hkv) @ k.transpose(-1, -2)[:, :, None]).flatten(1, 3)  # [B, Hq, Lk]
+    row_term = (group_queries(q_s, hkv) @ k_mean[:, :, None].transpose(-1, -2)).flatten(1, 2)[..., 0]  # [B, Hq, Lq]
+    # [G, D] @ [D, Lk] per KV head: broadcasting k over the group would copy it G times
+    col_term = (group_queries(q_mean, hkv)[..., 0, :] @ k.transpose(-1, -2)).flatten(1, 2)  # [B, Hq, Lk]
     return q_int, q_scale, k_int, k_scale, row_term, col_term
 
 
-def _anchor_stats(q: Tensor, k: Tensor, scale: float, block: int, window: int, key_padding_mask=None):
-    """Row max and sum of exp over the sink block and the local window, exact: ``[B, Hq, Lq]`` each.
-    Padded keys are left out; a query with no real anchor gets max -inf and sum 0."""
-    lq, lk, hkv = q.shape[2], k.shape[2], k.shape[1]
-    q_pos = torch.arange(lq, device=q.device) + (lk - lq)
-    sink = k[:, :, : min(block, lk)]
-    span = max(window, 1)
-    idx = (q_pos[:, None] - torch.arange(span, device=q.device)[None, :])  # [Lq, W] recent keys
-    ok = idx >= 0
-    local = k[:, :, idx.clamp(min=0).flatten()].view(*k.shape[:2], lq, span, -1)  # [B, Hkv, Lq, W, D]
-    qg = group_queries(q, hkv)  # [B, Hkv, G, Lq, D]
-    s_sink = torch.einsum("bhgqd,bhkd->bhgqk", qg, sink) * scale
-    s_sink = s_sink.masked_fill(torch.arange(sink.shape[2], device=q.device)[None, :] > q_pos[:, None], -math.inf)
-    s_local = torch.einsum("bhgqd,bhqwd->bhgqw", qg, local) * scale
-    # Keys in the sink block are already counted; drop them from the window to count each key once.
-    s_local = s_local.masked_fill(~ok | (idx < sink.shape[2]), -math.inf)
+def _anchor_logsumexp(q: Tensor, k: Tensor, scale: float, block: int, window: int,
+                      key_padding_mask: Tensor | None = None) -> Tensor:
+    """``log(l_i) + m_i`` (SALE's row sum and max) over the sink block and the local window, exact:
+    ``[B, Hq, Lq]``. Padded keys are left out; a query with no real anchor gets -inf.
+
+    Each query block scores the keys its rows may need (sink block and window span) with one batched matmul,
+    then masks each row to its own anchors: memory O(Lq * (sink + block + window)) per head, no per-query
+    copy of its window's keys."""
+    b, hq, lq = q.shape[:3]
+    hkv, lk = k.shape[1], k.shape[2]
+    keys, rows, outside = _anchor_layout(lq, lk, block, window, q.device)
+    # Rows ordered (query, head of the group), so a query block is one [block * G, D] matrix per KV head.
+    qb = group_queries(q, hkv).transpose(2, 3)[:, :, rows]  # [B, Hkv, Qb, block, G, D]
+    scores = qb.mul_(scale).flatten(3, 4) @ k[:, :, keys].transpose(-1, -2)  # [B, Hkv, Qb, block * G, C]
+    scores = scores.view(*qb.shape[:-1], -1).masked_fill_(outside, -math.inf)
     if key_padding_mask is not None:
-        pad = key_padding_mask.to(q.device)
-        s_sink = s_sink.masked_fill(~pad[:, None, None, None, : sink.shape[2]], -math.inf)
-        local_ok = pad[:, idx.clamp(min=0)]  # [B, Lq, W]
-        s_local = s_local.masked_fill(~local_ok[:, None, None], -math.inf)
-    scores = torch.cat([s_sink, s_local], -1)
-    m = scores.amax(-1)
-    l = torch.exp(scores - torch.where(torch.isfinite(m), m, 0.0)[..., None]).sum(-1)
-    return m.flatten(1, 2), l.flatten(1, 2)
+        scores.masked_fill_(~key_padding_mask[:, keys][:, None, :, None, None], -math.inf)  # [B, 1, Qb, 1, 1, C]
+    lse = torch.logsumexp(scores, -1)  # [B, Hkv, Qb, block, G]
+    return lse.permute(0, 1, 4, 2, 3).reshape(b, hq, -1)[..., :lq]
+
+
+def _anchor_layout(lq: int, lk: int, block: int, window: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Shape-only, so cached. Per query block: the keys it scores ``[Qb, C]`` (sink block, then the span its
+    windows cover, clamped into range), its query rows ``[Qb, block]`` (the last block's overhang repeats the
+    last row and is cut off afterwards) and which (row, key) pairs are no anchor ``[Qb, block, 1, C]``."""
+    def make():
+        n, sink, span = -(-lq // block), min(block, lk), max(window, 1)
+        rows = torch.arange(n, device=device)[:, None] * block + torch.arange(block, device=device)  # [Qb, block]
+        pos = rows + (lk - lq)  # query positions
+        span_keys = pos[:, :1] - span + 1 + torch.arange(block + span - 1, device=device)
+        keys = torch.cat([torch.arange(sink, device=device).expand(n, -1), span_keys], 1)  # [Qb, C]
+        key, pos = keys[:, None, :], pos[:, :, None]
+        in_sink = torch.arange(keys.shape[1], device=device) < sink
+        # Window keys inside the sink block are already counted there: each key once.
+        anchor = (key <= pos) & (in_sink | ((key > pos - span) & (key >= sink)))
+        return keys.clamp(0, lk - 1), rows.clamp(max=lq - 1), ~anchor[:, :, None]
+
+    return shape_constant(("sale_anchor_layout", lq, lk, block, window, device_key(device)), make)
 
 
 def _anchor_tiles(lq: int, lk: int, block: int, window: int, device) -> Tensor:
-    """Sink block and the tiles the local window reaches."""
-    last = torch.clamp(torch.arange(-(-lq // block), device=device) * block + block, max=lq) - 1 + (lk - lq)
-    first_q = torch.arange(-(-lq // block), device=device) * block + (lk - lq)
-    lo = (first_q - window + 1).clamp(min=0) // block
-    c = torch.arange(-(-lk // block), device=device)
-    return ((c[None, :] >= lo[:, None]) & (c[None, :] <= (last // block)[:, None])) | (c[None, :] == 0)
+    """Sink block and the tiles the local window reaches, the diagonal tile included: no row is empty.
+    Shape-only, so cached."""
+    def make():
+        r = torch.arange(-(-lq // block), device=device)
+        last = torch.clamp(r * block + block, max=lq) - 1 + (lk - lq)
+        lo = (r * block + (lk - lq) - window + 1).clamp(min=0) // block
+        c = torch.arange(-(-lk // block), device=device)
+        return ((c[None, :] >= lo[:, None]) & (c[None, :] <= (last // block)[:, None])) | (c[None, :] == 0)
+
+    return shape_constant(("sale_anchor_tiles", lq, lk, block, window, device_key(device)), make)
 
 
 def _load_thresholds(path: str):

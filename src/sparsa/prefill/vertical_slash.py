@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int
@@ -54,7 +55,9 @@ class VerticalSlash(Selector):
     def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         lq, lk, bs = q.shape[2], k.shape[2], self.block
         kb = -(-lk // bs)
-        q_index = torch.arange(lq - min(self.last_q, lq), lq, device=q.device)
+        n_probe = min(self.last_q, lq)
+        q_index = shape_constant(("probe_rows", lq, n_probe, device_key(q.device)),
+                                 lambda: torch.arange(lq - n_probe, lq, device=q.device, dtype=torch.int32))
         vertical, bands = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]), key_padding_mask,
                                        slash_block=bs)
         columns = top_indices(pool_blocks(vertical, lk, bs), min(-(-self.vertical_size // bs), kb),
