@@ -100,7 +100,7 @@ class BiFormer(Selector):
     topk: int = 16
     block: int = 64
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.43x at 8K, 3.18x at 32K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (0.60x at 8K, 3.63x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
 
     def __post_init__(self):

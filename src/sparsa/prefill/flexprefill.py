@@ -46,7 +46,7 @@ class FlexPrefill(Selector):
     max_budget: int | None = None
     block: int = 128
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.88x at 32K, 1.34x at 128K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (1.04x at 32K, 1.48x at 128K; BENCHMARKS.md, session 3: too close at 32K).
     dense_below: int = 131072
     probe_blocks: int = 4
 

@@ -75,7 +75,7 @@ class HiP(Selector):
     sink: int = 4
     block: int = 64
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.23x at 8K, 2.53x at 32K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (0.35x at 8K, 3.30x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
     query_samples: int = 16

@@ -87,7 +87,7 @@ class Hyper(Selector):
     lsh_num_projs: int = 7
     block_size: int = 256
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.46x at 32K, 1.42x at 128K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (0.51x at 32K, 1.39x at 128K; BENCHMARKS.md, session 3).
     dense_below: int = 131072
     sample_size: int = 256
     min_seq_len: int = 4096

@@ -72,7 +72,7 @@ class LongHeads(Selector):
     begin_selective_length: int = 4096
     block: int = 64
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.22x at 8K, 1.15x at 32K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (0.36x at 8K, 1.22x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16

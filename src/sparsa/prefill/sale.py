@@ -19,8 +19,9 @@ on the project's tasks.
 The estimation pass (``sparsa.ops.sale_estimate``) runs as a Triton kernel on CUDA (the 4-bit integers held
 in fp16 for the tensor cores: exact) beside a plain-PyTorch reference; the official int4 kernel exists for Ada
 GPUs only. Its work is quadratic, as in the paper (which reports about 11% of dense attention with int4 on
-Ada). On the H200 it is not a speed-up: the estimate alone took 2.3x the dense attention time at 128K
-(BENCHMARKS.md, 2026-11-29), so sparsa's SALE is for accuracy studies until the kernel is reworked.
+Ada). On the H200 it is not a speed-up: the estimate alone took 1.9x the dense attention time at 128K, almost
+all of it the passing-tiles kernel (BENCHMARKS.md, session 3), so sparsa's SALE is for accuracy studies until
+that kernel is reworked.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ from torch import Tensor
 
 from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern
+from ..ops.sale_estimate import passing_tiles
 from ..registry import register
 from .base import Selector, check_block, check_int
-from ..ops.sale_estimate import passing_tiles
 from .estimate import group_queries
 
 @register("prefill", "sale")

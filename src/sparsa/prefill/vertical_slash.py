@@ -41,7 +41,7 @@ class VerticalSlash(Selector):
     local_diagonals: int = 100
     block: int = 128
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.35x at 8K, 1.64x at 32K; BENCHMARKS.md, 2026-11-29).
+    # estimation included (0.32x at 8K, 2.07x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
 
     def __post_init__(self):
