@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_calls.sh train-next     # session 3 (x2): ref-small stage 3 beside `next`
 #   bash benchmarks/gpu_calls.sh bench-next     # session 3: the new ref-small's dense scores and accuracy table
 #   bash benchmarks/gpu_calls.sh overhead       # session 3: cached shape constants, mask build, CUDA graphs
+#   bash benchmarks/gpu_calls.sh train-ddp      # next (x2): ref-small stage 4, data-parallel over both GPUs
+#   bash benchmarks/gpu_calls.sh blocks         # next: 128-token blocks for the 64-block methods, 16K crossovers
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,5 +92,17 @@ case "${1:-}" in
       --methods "biformer+reduce-overhead,vertical_slash+reduce-overhead,hip+reduce-overhead" \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -12 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead" >&2; exit 2 ;;
+  train-ddp)  # nvidia-h200-x2, about 9.7 minutes: ref-small stage 4 (multi-key weighted, 4K-24K) on both GPUs
+    timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage4 --out /tmp/m/ref-small \
+      > "$OUT/small.log" 2>&1
+    grep -v "step=" "$OUT/small.log" | tail -12
+    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
+    ;;
+  blocks)  # one GPU, about 6 minutes: the 64-block methods with 128-token blocks, and 16K (dense_below crossovers)
+    timeout 330 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \
+      --methods "vertical_slash,hip,hip:block=128,longheads,longheads:block=128,biformer,biformer:block=128" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -27 "$OUT/prefill.txt"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|blocks" >&2
+     exit 2 ;;
 esac

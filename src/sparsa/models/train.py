@@ -13,7 +13,9 @@ project measured on the H200 (shared/REFERENCE_MODELS.md):
 4. loss = mean cross-entropy on answer tokens + ``prompt_weight`` x mean cross-entropy on prompt tokens, so
    long batches still carry answer signal; AdamW, warm-up, cosine.
 
-Usage (GPU): ``python -m sparsa.models.train --config ref-small --out DIR``. Writes the model with
+Usage (GPU): ``python -m sparsa.models.train --config ref-small --out DIR``; data-parallel over the GPUs of one
+machine: ``torchrun --nproc_per_node 2 -m sparsa.models.train ...`` (same global batch, more steps per
+minute). Writes the model with
 ``save_pretrained`` (safetensors, bf16 or fp32 per config), the tokenizer, ``train_log.jsonl`` and
 ``eval.json`` (greedy accuracy of the dense model per task and length).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import string
 import time
@@ -163,12 +166,15 @@ def encode_segments(segments, tokenizer, max_len):
 
 
 class Batches(torch.utils.data.IterableDataset):
-    """Whole training batches, one per step, generated in worker processes (step s by worker s mod W)."""
+    """Training batches, one per step, generated in worker processes (step s by worker s mod W). With data
+    parallelism each of ``world`` ranks makes its own share of a step: the same sample length, a
+    ``1 / world`` share of ``tokens_per_step``, different samples."""
 
-    def __init__(self, cfg: TrainConfig, progress=None, start_step: int = 0):
+    def __init__(self, cfg: TrainConfig, progress=None, start_step: int = 0, rank: int = 0, world: int = 1):
         self.cfg = cfg
         self.progress = progress  # shared value in [0, 1] written by the training loop
         self.start = start_step
+        self.rank, self.world = rank, world
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -189,7 +195,9 @@ class Batches(torch.utils.data.IterableDataset):
         # so right padding wastes little (per-sample lengths from length/8 to length padded half of every
         # long batch: 0.26 M real tokens/s on the H200, 2026-11-29), and the step holds tokens_per_step tokens.
         target = rng.randint(max(int(length * cfg.short_frac), min(1024, length)), length)
-        count = max(1, cfg.tokens_per_step // target)
+        count = max(1, cfg.tokens_per_step // self.world // target)
+        if self.rank:  # same length on every rank (no rank waits for a longer one), different samples
+            rng = random.Random((cfg.seed * 1_000_003 + step) * 1_009 + self.rank)
         rows = []
         for _ in range(count):
             segs = None
@@ -271,13 +279,48 @@ def loss_fn(logits, ids, answer, real, prompt_weight):
     return ans_loss + prompt_weight * prompt_loss, ans_loss.detach(), prompt_loss.detach()
 
 
+def data_parallel(device: str) -> tuple[int, int, str]:
+    """``(rank, world, device)``. Under ``torchrun`` (WORLD_SIZE > 1) this joins the process group -- NCCL with
+    one GPU per rank, gloo on the CPU -- and returns this rank's device; otherwise ``(0, 1, device)``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def _all_ranks_max(value: float, world: int, device: str) -> float:
+    """The largest ``value`` over ranks: every rank stops at the same step, when the slowest clock says so."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
 def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
-    torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train (data-parallel under ``torchrun``: ``tokens_per_step`` is the global batch), save in rank 0."""
+    rank, world, device = data_parallel(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model = build_model(cfg)
     if cfg.init_from:
         model.load_state_dict(load_weights(cfg.init_from), strict=False)  # tied lm_head is not stored
     model = model.to(device)
+    core = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -285,19 +328,23 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
                             fused=device.startswith("cuda"))
     progress = torch.multiprocessing.get_context("fork").Value("d", 0.0)
-    loader = torch.utils.data.DataLoader(Batches(cfg, progress), batch_size=None, num_workers=cfg.workers,
-                                         prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    log = (out / "train_log.jsonl").open("w")
+    loader = torch.utils.data.DataLoader(Batches(cfg, progress, rank=rank, world=world), batch_size=None,
+                                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
+                                         persistent_workers=False)
+    log = (out / "train_log.jsonl").open("w") if rank == 0 else None
     start = time.time()
     tokens = 0
-    print(f"[{cfg.name}] {params / 1e6:.2f}M parameters, {cfg.steps} steps planned", flush=True)
+    if rank == 0:
+        print(f"[{cfg.name}] {params / 1e6:.2f}M parameters, {cfg.steps} steps planned, {world} rank(s)",
+              flush=True)
     model.train()
     last_step = -1
     for step, (ids, answer, real) in loader:
-        done = max(step / cfg.steps, (time.time() - start) / (cfg.max_minutes * 60))
+        done = _all_ranks_max(max(step / cfg.steps, (time.time() - start) / (cfg.max_minutes * 60)), world, device)
         progress.value = done
         if done >= 1.0:
-            print(f"[{cfg.name}] training budget reached at step {step}", flush=True)
+            if rank == 0:
+                print(f"[{cfg.name}] training budget reached at step {step}", flush=True)
             break
         lr = lr_at(cfg, step, done)
         for group in opt.param_groups:
@@ -310,10 +357,10 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens += int(real.sum())
+        tokens += int(real.sum()) * world  # ranks make equal shares of a step
         last_step = step
         elapsed = time.time() - start
-        if step % 50 == 0 or step == cfg.steps - 1:
+        if rank == 0 and (step % 50 == 0 or step == cfg.steps - 1):
             row = {"step": step, "len": ids.shape[1], "batch": ids.shape[0], "loss": float(loss.detach()),
                    "answer_loss": float(ans_loss), "prompt_loss": float(prompt_loss), "lr": lr, "progress": done,
                    "tokens": tokens, "minutes": elapsed / 60}
@@ -322,9 +369,10 @@ def train(cfg: TrainConfig, out: Path, device: str = "cuda") -> Path:
             print(f"[{cfg.name}] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                               for k, v in row.items()), flush=True)
     minutes = (time.time() - start) / 60
-    model.eval()
-    save(model, cfg, out, {"steps_done": last_step + 1, "train_minutes": round(minutes, 2), "tokens": tokens,
-                           "parameters": params})
+    core.eval()
+    if rank == 0:
+        save(core, cfg, out, {"steps_done": last_step + 1, "train_minutes": round(minutes, 2), "tokens": tokens,
+                              "parameters": params, "ranks": world})
     return out
 
 
@@ -378,7 +426,13 @@ def main(argv=None):
     if args.device == "cpu":
         cfg.workers = min(cfg.workers, 0)
     out = train(cfg, Path(args.out), args.device)
-    if not args.no_eval and cfg.eval_tasks:
+    rank = int(os.environ.get("RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 has saved
+        dist.destroy_process_group()
+    if rank == 0 and not args.no_eval and cfg.eval_tasks:
         evaluate(out, cfg, args.device)
 
 
