@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_calls.sh overhead       # session 3: cached shape constants, mask build, CUDA graphs
 #   bash benchmarks/gpu_calls.sh train-ddp      # next (x2): ref-small stage 4, data-parallel over both GPUs
 #   bash benchmarks/gpu_calls.sh blocks         # next: 128-token blocks for the 64-block methods, 16K crossovers
+#   bash benchmarks/gpu_calls.sh bench-final    # next, after train-ddp: issue 3's static table, issue 4's accuracy
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -103,6 +104,18 @@ case "${1:-}" in
       --methods "vertical_slash,hip,hip:block=128,longheads,longheads:block=128,biformer,biformer:block=128" \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -27 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|blocks" >&2
+  bench-final)  # one GPU, about 9 minutes: the static table at 4K-32K (issue 3), every dynamic method on the NIAH
+                 # family and vt at 8K-32K with 20 samples per cell (issue 4's accuracy target)
+    timeout 200 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 10 \
+      --methods "dense;streaming;a_shape;sliding_window" --tasks niah_single,niah_multikey,vt \
+      --lengths 4096,8192,16384,32768 --depths none -n 10 --out "$OUT/bench-static.jsonl" --no-progress \
+      > "$OUT/static.txt" 2>&1; grep -A20 "| task" "$OUT/static.txt" | head -18
+    timeout 340 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 10 \
+      --methods "dense;vertical_slash;flexprefill;hip;longheads;biformer;sale" \
+      --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --lengths 8192,16384,32768 \
+      --depths none -n 20 --out "$OUT/bench-dynamic.jsonl" --no-progress > "$OUT/dynamic.txt" 2>&1
+    tail -12 "$OUT/dynamic.txt"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|blocks|bench-final" >&2
      exit 2 ;;
 esac
