@@ -19,9 +19,9 @@ on the project's tasks.
 The estimation pass (``sparsa.ops.sale_estimate``) runs as a Triton kernel on CUDA (the 4-bit integers held
 in fp16 for the tensor cores: exact) beside a plain-PyTorch reference; the official int4 kernel exists for Ada
 GPUs only. Its work is quadratic, as in the paper (which reports about 11% of dense attention with int4 on
-Ada). On the H200 it is not a speed-up: the estimate alone took 1.9x the dense attention time at 128K, almost
-all of it the passing-tiles kernel (BENCHMARKS.md, session 3), so sparsa's SALE is for accuracy studies until
-that kernel is reworked.
+Ada). On the H200 it was not a speed-up: the estimate alone took 1.9x the dense attention time at 128K, almost
+all of it the passing-tiles kernel (BENCHMARKS.md, session 3). That kernel has since been rewritten (pipelined
+K loads, K tiles shared by a KV head's query heads, a two-op epilogue; not yet timed on the GPU).
 """
 
 from __future__ import annotations
