@@ -18,6 +18,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 _CACHE: OrderedDict = OrderedDict()
 MAX_ENTRIES = 512  # a sweep over lengths x block sizes x devices stays far below this
+# Some entries are large (SALE's anchor mask is 33 MB at 128K tokens): least recently used entries go first once
+# the cache holds this much, so a long sweep over lengths cannot pile up device memory.
+MAX_BYTES = 1 << 30
+_bytes = 0
 
 
 def shape_constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
@@ -33,10 +37,27 @@ def shape_constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
         return hit
     made = make()
     if not is_fake(made):  # a fake tensor (torch.export, shape propagation) belongs to its tracing session
-        _CACHE[key] = made
-        if len(_CACHE) > MAX_ENTRIES:
-            _CACHE.popitem(last=False)
+        _store(key, made)
     return made
+
+
+def _store(key: tuple, tensor: Tensor) -> None:
+    global _bytes
+    _CACHE[key] = tensor
+    _bytes += _size(tensor)
+    while len(_CACHE) > 1 and (len(_CACHE) > MAX_ENTRIES or _bytes > MAX_BYTES):
+        _bytes -= _size(_CACHE.popitem(last=False)[1])
+
+
+def _size(tensor: Tensor) -> int:
+    return 0 if tensor.device.type == "meta" else tensor.numel() * tensor.element_size()
+
+
+def clear() -> None:
+    """Drop every cached tensor (e.g. to hand their device memory back)."""
+    global _bytes
+    _CACHE.clear()
+    _bytes = 0
 
 
 def _tracing() -> bool:

@@ -1,0 +1,36 @@
+"""The shape-constant cache: made once per key, never for fake tensors, bounded in entries and bytes."""
+
+import torch
+
+from sparsa import _shapes
+
+
+def test_made_once_per_key_and_bounded(monkeypatch):
+    _shapes.clear()
+    calls = []
+
+    def make(n):
+        calls.append(n)
+        return torch.zeros(n, dtype=torch.uint8)
+
+    a = _shapes.shape_constant(("t", 10), lambda: make(10))
+    assert _shapes.shape_constant(("t", 10), lambda: make(10)) is a and calls == [10]
+    monkeypatch.setattr(_shapes, "MAX_BYTES", 100)
+    for n in range(40, 100, 20):  # 40, 60, 80 bytes: the oldest go once the total passes 100
+        _shapes.shape_constant(("t", n), lambda n=n: make(n))
+    assert _shapes._bytes <= 100 and list(_shapes._CACHE) == [("t", 80)]
+    monkeypatch.setattr(_shapes, "MAX_ENTRIES", 2)
+    for n in (1, 2, 3):
+        _shapes.shape_constant(("u", n), lambda n=n: make(n))
+    assert list(_shapes._CACHE) == [("u", 2), ("u", 3)]
+    assert _shapes._bytes == 5
+    _shapes.clear()
+
+
+def test_fake_tensors_are_not_cached():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _shapes.clear()
+    with FakeTensorMode():
+        _shapes.shape_constant(("fake",), lambda: torch.arange(4))
+    assert ("fake",) not in _shapes._CACHE
