@@ -34,3 +34,22 @@ def test_fake_tensors_are_not_cached():
     with FakeTensorMode():
         _shapes.shape_constant(("fake",), lambda: torch.arange(4))
     assert ("fake",) not in _shapes._CACHE
+
+
+def test_patterns_and_tuples_count_their_tensors():
+    from sparsa import BlockPattern
+
+    p = BlockPattern.dense(256, block_q=64)
+    assert _shapes._size(p) == p.kv_num_blocks.nbytes + p.kv_indices.nbytes
+    assert _shapes._size((torch.zeros(3), [torch.zeros(2, dtype=torch.int8)], 7)) == 14
+
+
+def test_a_pattern_of_fake_tensors_is_not_cached():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsa import BlockPattern
+
+    _shapes.clear()
+    with FakeTensorMode():
+        _shapes.shape_constant(("fake pattern",), lambda: BlockPattern.dense(256, block_q=64))
+    assert ("fake pattern",) not in _shapes._CACHE

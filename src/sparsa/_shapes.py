@@ -9,6 +9,7 @@ place.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Callable
 
@@ -24,7 +25,7 @@ MAX_BYTES = 1 << 30
 _bytes = 0
 
 
-def shape_constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
+def shape_constant(key: tuple, make: Callable[[], object]):
     """``make()``, cached under ``key`` (which must name everything the tensor depends on, device included).
 
     Not cached while tracing for torch.compile or capturing a CUDA graph: a tensor made inside a graph must
@@ -36,21 +37,35 @@ def shape_constant(key: tuple, make: Callable[[], Tensor]) -> Tensor:
         _CACHE.move_to_end(key)
         return hit
     made = make()
-    if not is_fake(made):  # a fake tensor (torch.export, shape propagation) belongs to its tracing session
+    if not any(is_fake(t) for t in _tensors(made)):  # fake tensors (torch.export, shape propagation) belong to
+        # their tracing session
         _store(key, made)
     return made
 
 
-def _store(key: tuple, tensor: Tensor) -> None:
+def _store(key: tuple, value) -> None:
     global _bytes
-    _CACHE[key] = tensor
-    _bytes += _size(tensor)
+    _CACHE[key] = value
+    _bytes += _size(value)
     while len(_CACHE) > 1 and (len(_CACHE) > MAX_ENTRIES or _bytes > MAX_BYTES):
         _bytes -= _size(_CACHE.popitem(last=False)[1])
 
 
-def _size(tensor: Tensor) -> int:
-    return 0 if tensor.device.type == "meta" else tensor.numel() * tensor.element_size()
+def _size(value) -> int:
+    """Device bytes held by a cached value."""
+    return sum(t.numel() * t.element_size() for t in _tensors(value) if t.device.type != "meta")
+
+
+def _tensors(value):
+    """The tensors of a cached value: a tensor, or a tuple, list or dataclass (a BlockPattern) of them."""
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            yield from _tensors(getattr(value, f.name))
 
 
 def clear() -> None:
