@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_calls.sh bench-next     # session 3: the new ref-small's dense scores and accuracy table
 #   bash benchmarks/gpu_calls.sh overhead       # session 3: cached shape constants, mask build, CUDA graphs
 #   bash benchmarks/gpu_calls.sh train-ddp      # next (x2): ref-small stage 4, data-parallel over both GPUs
-#   bash benchmarks/gpu_calls.sh verify         # next, first: Triton kernel tests on the GPU, new SALE and hyper timed
+#   bash benchmarks/gpu_calls.sh verify         # next, first: kernel tests on the GPU, SALE/hyper timed, graph probe
 #   bash benchmarks/gpu_calls.sh blocks         # next: 128-token blocks for the 64-block methods, 16K crossovers
 #   bash benchmarks/gpu_calls.sh bench-final    # next, after train-ddp: issue 3's static table, issue 4's accuracy
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
@@ -100,12 +100,13 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  verify)  # one GPU, about 5 minutes: the Triton kernels' tests on CUDA (SALE's kernel was rewritten without a
-            # GPU), then SALE and hyper timed after their rewrites
+  verify)  # one GPU, about 6.5 minutes: the Triton kernels' tests on CUDA (SALE's kernel was rewritten without a
+            # GPU), SALE and hyper timed after their rewrites, and what a CUDA graph per call would buy at 8K-16K
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_sale_estimate_op.py tests/test_vertical_slash_op.py \
       tests/test_ops.py 2>&1 | tail -5
     timeout 170 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 --methods dense,sale,hyper \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -16 "$OUT/prefill.txt"
+    timeout 100 python benchmarks/graph_probe.py --lengths 8192,16384 2>&1 | grep -v Warning | tail -10
     ;;
   blocks)  # one GPU, about 6 minutes: the 64-block methods with 128-token blocks, and 16K (dense_below crossovers)
     timeout 330 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \

@@ -53,3 +53,22 @@ def test_a_pattern_of_fake_tensors_is_not_cached():
     with FakeTensorMode():
         _shapes.shape_constant(("fake pattern",), lambda: BlockPattern.dense(256, block_q=64))
     assert ("fake pattern",) not in _shapes._CACHE
+
+
+def test_entries_a_cuda_graph_reads_are_pinned(monkeypatch):
+    """While a graph is captured: a cached entry is used and never evicted after; a new one is not cached."""
+    _shapes.clear()
+    kept = _shapes.shape_constant(("read by a graph",), lambda: torch.zeros(64, dtype=torch.uint8))
+    monkeypatch.setattr(_shapes, "_capturing", lambda: True)
+    assert _shapes.shape_constant(("read by a graph",), lambda: torch.ones(64)) is kept
+    _shapes.shape_constant(("made in the graph",), lambda: torch.zeros(8))
+    assert ("made in the graph",) not in _shapes._CACHE
+    monkeypatch.setattr(_shapes, "_capturing", lambda: False)
+    monkeypatch.setattr(_shapes, "MAX_BYTES", 100)
+    for n in range(5):
+        _shapes.shape_constant(("filler", n), lambda: torch.zeros(60, dtype=torch.uint8))
+    assert _shapes._CACHE[("read by a graph",)] is kept  # everything else came and went
+    _shapes.clear()
+    assert list(_shapes._CACHE) == [("read by a graph",)]
+    _shapes._PINNED.clear()
+    _shapes.clear()

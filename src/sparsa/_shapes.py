@@ -23,32 +23,44 @@ MAX_ENTRIES = 512  # a sweep over lengths x block sizes x devices stays far belo
 # the cache holds this much, so a long sweep over lengths cannot pile up device memory.
 MAX_BYTES = 1 << 30
 _bytes = 0
+_PINNED: set = set()  # entries a captured CUDA graph reads
 
 
 def shape_constant(key: tuple, make: Callable[[], object]):
     """``make()``, cached under ``key`` (which must name everything the tensor depends on, device included).
 
-    Not cached while tracing for torch.compile or capturing a CUDA graph: a tensor made inside a graph must
-    not outlive it."""
-    if _tracing():
+    While torch.compile traces, nothing is cached (the traced graph makes its own). While a CUDA graph is being
+    captured, a cached entry is used and pinned (the graph reads its memory on every replay, so it is never
+    evicted), and a missing one is made inside the graph without being cached (it belongs to the graph)."""
+    if torch.compiler.is_compiling():
         return make()
+    capturing = _capturing()
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)
+        if capturing:
+            _PINNED.add(key)
         return hit
     made = make()
-    if not any(is_fake(t) for t in _tensors(made)):  # fake tensors (torch.export, shape propagation) belong to
-        # their tracing session
+    if not capturing and not any(is_fake(t) for t in _tensors(made)):  # fake tensors (torch.export, shape
+        # propagation) belong to their tracing session
         _store(key, made)
     return made
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _store(key: tuple, value) -> None:
     global _bytes
     _CACHE[key] = value
     _bytes += _size(value)
-    while len(_CACHE) > 1 and (len(_CACHE) > MAX_ENTRIES or _bytes > MAX_BYTES):
-        _bytes -= _size(_CACHE.popitem(last=False)[1])
+    for old in list(_CACHE):  # least recently used first
+        if len(_CACHE) <= MAX_ENTRIES and _bytes <= MAX_BYTES:
+            break
+        if old != key and old not in _PINNED:
+            _bytes -= _size(_CACHE.pop(old))
 
 
 def _size(value) -> int:
@@ -69,16 +81,10 @@ def _tensors(value):
 
 
 def clear() -> None:
-    """Drop every cached tensor (e.g. to hand their device memory back)."""
+    """Drop every cached tensor that no captured CUDA graph reads (e.g. to hand device memory back)."""
     global _bytes
-    _CACHE.clear()
-    _bytes = 0
-
-
-def _tracing() -> bool:
-    if torch.compiler.is_compiling():
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    for key in [k for k in _CACHE if k not in _PINNED]:
+        _bytes -= _size(_CACHE.pop(key))
 
 
 def device_key(device) -> str:
