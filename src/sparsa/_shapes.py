@@ -69,11 +69,11 @@ def _size(value) -> int:
 
 
 def _tensors(value):
-    """The tensors of a cached value: a tensor, or a tuple, list or dataclass (a BlockPattern) of them."""
+    """The tensors of a cached value: a tensor, or a tuple, list, dict or dataclass (a BlockPattern) of them."""
     if isinstance(value, Tensor):
         yield value
-    elif isinstance(value, (tuple, list)):
-        for item in value:
+    elif isinstance(value, (tuple, list, dict)):
+        for item in (value.values() if isinstance(value, dict) else value):
             yield from _tensors(item)
     elif dataclasses.is_dataclass(value):
         for f in dataclasses.fields(value):

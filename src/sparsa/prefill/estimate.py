@@ -64,10 +64,7 @@ def sample_rows(q_len: int, block: int, samples: int, device) -> Tensor:
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     """Bool ``[..., N]``: the ``count`` highest entries per row (``count`` broadcastable), plus the first
     ``forced`` entries always."""
-    n = scores.shape[-1]
-    order = torch.argsort(scores, dim=-1, descending=True)
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, arange(n, scores.device).expand_as(order))
+    rank = rank_of(torch.argsort(scores, dim=-1, descending=True))
     if isinstance(count, Tensor):
         while count.dim() < scores.dim():
             count = count.unsqueeze(-1)
@@ -75,6 +72,11 @@ def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     if forced:
         keep[..., :forced] = True
     return keep
+
+
+def rank_of(order: Tensor) -> Tensor:
+    """Each entry's place in the order given by a sort's indices: ``rank < count`` keeps the ``count`` first."""
+    return torch.empty_like(order).scatter_(-1, order, arange(order.shape[-1], order.device).expand_as(order))
 
 
 def block_tiles(col_blocks: Tensor, diag_blocks: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:

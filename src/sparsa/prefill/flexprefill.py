@@ -31,10 +31,10 @@ import torch
 from torch import Tensor
 
 from .._shapes import device_key, shape_constant
-from ..pattern import BlockPattern, arange, causal_block_mask
+from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores
+from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores, rank_of
 
 
 @register("prefill", "flexprefill")
@@ -78,11 +78,12 @@ class FlexPrefill(Selector):
         s_sorted, s_order = torch.sort(s_blocks, dim=-1, descending=True)  # for both the budget and the ranking
         n_v, n_s = self._budgets(vertical, s_sorted, query_aware)
         v_order = torch.argsort(v_blocks, dim=-1, descending=True)
-        tiles = band_tiles(_rank(v_order) < n_v, _rank(s_order) < n_s, lq, lk, bs)
+        tiles = band_tiles(rank_of(v_order) < n_v, rank_of(s_order) < n_s, lq, lk, bs)
         # The query-aware map is built for every head, not only once the device says that some head needs it:
         # asking is a host sync per layer (and a graph break under torch.compile). On layers with no query-aware
-        # head the map is wasted: a sort of Qb x Kb entries per head, 5.6 ms at 128K tokens on the H200 (dense
-        # SDPA: 235 ms), +0.3 GiB at its peak (B=1), which a layer with one such head needs anyway.
+        # head the map is wasted: a sort of Qb x Kb entries per head (at 128K tokens a few percent of dense
+        # attention in a one-off check on the H200, not in BENCHMARKS.md), memory a layer with one such head
+        # needs anyway.
         # tau = 0 makes no head query-aware (the distance is >= 0): then it is skipped.
         if self.tau > 0:
             tiles = tiles | (self._query_aware_tiles(q, pooled_k, lk, scale) & query_aware[..., None, None])
@@ -152,11 +153,6 @@ def _mean_pool(x: Tensor, length: int, block: int) -> Tensor:
 def _cover(vals: Tensor, gamma: float) -> Tensor:
     """Per row of scores sorted in descending order, how many of the first reach ``gamma`` of the row's mass."""
     return (torch.cumsum(vals, -1) <= gamma * vals.sum(-1, keepdim=True)).sum(-1) + 1
-
-
-def _rank(order: Tensor) -> Tensor:
-    """Each entry's place in the order given by a sort's indices: ``rank < count`` keeps the ``count`` first."""
-    return torch.empty_like(order).scatter_(-1, order, arange(order.shape[-1], order.device).expand_as(order))
 
 
 def _log(p: Tensor) -> Tensor:

@@ -173,9 +173,10 @@ class HiP(Selector):
         return rep.view(batch, hkv, rows.shape[0], -1, dim), rows
 
     def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
-        """One of ``_make_layout``'s shape-only tensors, made once per geometry and device (shared: read only)."""
-        key = ("hip", name, lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, device_key(device))
-        return shape_constant(key, lambda: self._make_layout(lq, lk, device)[name])
+        """One of ``_make_layout``'s shape-only tensors; the layout is made once per geometry and device (shared:
+        read only)."""
+        key = ("hip", lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, device_key(device))
+        return shape_constant(key, lambda: self._make_layout(lq, lk, device))[name]
 
     def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
         """Per query block: ``nodes [Qb, k, 2]``, the search range [sink blocks, local window) cut into k

@@ -124,10 +124,11 @@ class LongHeads(Selector):
         return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
 
     def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
-        """One of ``_make_layout``'s shape-only tensors, made once per geometry and device (shared: read only)."""
-        key = ("longheads", name, lq, lk, self.block, self.window_size, self.atten_length, self.begin_selective_length,
+        """One of ``_make_layout``'s shape-only tensors; the layout is made once per geometry and device (shared:
+        read only)."""
+        key = ("longheads", lq, lk, self.block, self.window_size, self.atten_length, self.begin_selective_length,
                device_key(device))
-        return shape_constant(key, lambda: self._make_layout(lq, lk, device)[name])
+        return shape_constant(key, lambda: self._make_layout(lq, lk, device))[name]
 
     def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
         """Per query block: ``forced [Qb, F]``, the key blocks computed whatever the scores, and ``forced_ok``,
