@@ -100,10 +100,12 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  verify)  # one GPU, about 6.5 minutes: the Triton kernels' tests on CUDA (SALE's kernel was rewritten without a
-            # GPU), SALE and hyper timed after their rewrites, and what a CUDA graph per call would buy at 8K-16K
+  verify)  # one GPU, about 8 minutes: the Triton kernels' tests on CUDA (SALE's kernel was rewritten without a
+            # GPU), the cuda_graph=True tests (tests/test_graphs.py), SALE and hyper timed after their rewrites,
+            # and what a CUDA graph per call would buy at 8K-16K
     timeout 120 python -m pytest -q -p no:cacheprovider tests/test_sale_estimate_op.py tests/test_vertical_slash_op.py \
       tests/test_ops.py 2>&1 | tail -5
+    timeout 90 python -m pytest -q -p no:cacheprovider tests/test_graphs.py 2>&1 | tail -3
     timeout 170 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536 --methods dense,sale,hyper \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -16 "$OUT/prefill.txt"
     timeout 100 python benchmarks/graph_probe.py --lengths 8192,16384 2>&1 | grep -v Warning | tail -10

@@ -13,7 +13,9 @@ Then the model itself: time to first token of ref-small at 64K and 128K with eac
 
 Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--methods ...] [--ttft 65536,131072]``;
 methods are named as ``sparsa bench`` names them (``hip:block=128``); ``NAME+compile`` runs with
-``compile=True`` (its select() through torch.compile), and ``NAME+reduce-overhead`` with that compile mode.
+``compile=True`` (its select() through torch.compile), ``NAME+reduce-overhead`` with that compile mode, and
+``NAME+graph`` with ``cuda_graph=True`` (the whole attend() call replayed as a CUDA graph; the first call of a
+shape runs eagerly, the second captures, both before the timed calls). Suffixes combine: ``hip+compile+graph``.
 """
 
 from __future__ import annotations
@@ -47,15 +49,19 @@ def median_ms(fn, reps=10, warmup=2):
 
 
 def method_params(name: str) -> tuple[str, dict]:
-    """A method as ``sparsa bench`` names it (``"hip:block=128"``), optionally ``+compile`` or ``+MODE``:
-    ``"hip:block=128+compile"`` -> ``("hip", {"block": 128, "compile": True})``."""
+    """A method as ``sparsa bench`` names it (``"hip:block=128"``), optionally ``+compile``, ``+MODE`` (a
+    torch.compile mode) and ``+graph``: ``"hip:block=128+compile+graph"`` -> ``("hip", {"block": 128,
+    "compile": True, "cuda_graph": True})``."""
     from sparsa.bench.runner import parse_method
 
-    text, _, mode = name.partition("+")
+    text, *suffixes = name.split("+")
     spec = parse_method(text)
     params = dict(spec.params)
-    if mode:
-        params["compile"] = True if mode == "compile" else mode
+    for suffix in suffixes:
+        if suffix == "graph":
+            params["cuda_graph"] = True
+        else:
+            params["compile"] = True if suffix == "compile" else suffix
     return spec.name, params
 
 
@@ -107,9 +113,11 @@ def attention_rows(q, k, v, methods, length):
         base_name, params = method_params(name)
         sel = registry.create("prefill", base_name, dense_below=0, **params)
         try:
-            out, density = sel.attend(q, k, v, layer_idx=0)
+            sel.attend(q, k, v, layer_idx=0)  # compiles; with cuda_graph, the eager warm-up of this shape
+            # median_ms's two untimed warm-up calls come next: with cuda_graph the first of them captures
+            total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0), warmup=2)
+            out, density = sel.attend(q, k, v, layer_idx=0)  # with cuda_graph, a replay: its error is the one shown
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
-            total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0))
             estimate = median_ms(lambda: sel.pattern(q, k, layer_idx=0)) if base_name != "hyper" else None
             yield with_ratios(dict(length=length, method=name, ms=total, estimate_ms=estimate,
                                    density=float(density), rel_err=err))
@@ -123,13 +131,16 @@ def ttft_rows(model, tokenizer, methods, length):
     ids = torch.tensor([tokenizer.encode(sample["prompt"], add_special_tokens=False)], device=model.device)
     rows = []
     for name in ["none"] + methods:
+        params = {}
         if name == "none":
             sparsa.configure(model)
         else:
             base_name, params = method_params(name)
             sparsa.configure(model, prefill=base_name, dense_below=0, **params)
         try:
-            ms = median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), reps=3, warmup=1)
+            # with cuda_graph the first pass warms up and the second captures: both before the timed passes
+            warmup = 2 if params.get("cuda_graph") else 1
+            ms = median_ms(lambda: model(ids, use_cache=True, logits_to_keep=1), reps=3, warmup=warmup)
             rows.append(dict(length=length, ttft_method="sdpa" if name == "none" else name, ttft_ms=ms,
                              density=sparsa.stats(model, prefill=True)["density"]))
         except Exception as e:

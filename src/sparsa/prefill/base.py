@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from ..pattern import BlockPattern
+from . import graphs
 
 # Key length below which selectors hand over to dense attention by default (methods whose estimation costs
 # more set their own). Measured on the H200 (BENCHMARKS.md, 2026-11-29; per layer, pattern and BlockMask cached,
@@ -42,12 +43,28 @@ class Selector:
     #: falls back to eager with one warning. Off by default until measured on the GPU. A string is a
     #: ``torch.compile`` mode: ``"reduce-overhead"`` also replays the estimation as a CUDA graph per shape.
     compile: bool | str = False
+    #: replay each ``attend`` call (estimation, BlockMask and attention together) as a CUDA graph, one per call
+    #: signature (shapes, layer, scale, backend, key padding): at short lengths the dynamic methods spend more time
+    #: launching their 24-110 small kernels (~25 us each on the H200) than computing them. Cost: the first call
+    #: of each new signature runs eagerly and the second captures (it synchronizes the device), and each graph
+    #: holds its output buffers (a selector's graphs share one memory pool for their intermediates and one set
+    #: of static input buffers per shape). Applies only to CUDA tensors, outside someone else's stream capture
+    #: (``torch.cuda.is_current_stream_capturing()``, e.g. a caller capturing the whole forward
+    #: pass), without autograd (inference only), and for key lengths up to ``graph_max_len``. A method that
+    #: cannot be captured (a host sync inside) warns once and runs eagerly. See ``prefill/graphs.py``.
+    cuda_graph: bool = False
+    #: longest key length replayed as a graph: beyond it the attention's arithmetic dwarfs the launch overhead,
+    #: and each graph's buffers grow with the length
+    graph_max_len: int = 32768
 
     def __post_init__(self):
         check_int(self, "dense_below", minimum=0)
         if not isinstance(self.compile, bool) and self.compile not in _COMPILE_MODES:
             raise ValueError(f"{self.name}: compile must be True, False or one of {_COMPILE_MODES}, "
                              f"got {self.compile!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"{self.name}: cuda_graph must be True or False, got {self.cuda_graph!r}")
+        check_int(self, "graph_max_len", minimum=1)
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
@@ -97,6 +114,19 @@ class Selector:
                layer_idx: int | None = None) -> tuple[Tensor, "float | Tensor"]:
         """Causal attention under this method: ``(out [B, Hq, Lq, Dv], density)``; the density may be a 0-dim
         tensor (read it with ``float()``), so the forward pass never waits on the device to report it.
+
+        The computation is ``_attend``; with ``cuda_graph`` this replays it as a CUDA graph where that applies.
+        """
+        if self.cuda_graph and graphs.applies(self, q, k, v, key_padding_mask):
+            return graphs.attend(self, q, k, v, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
+                                 layer_idx=layer_idx)
+        return self._attend(q, k, v, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
+                            layer_idx=layer_idx)
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                key_padding_mask: Tensor | None = None, backend: str = "auto",
+                layer_idx: int | None = None) -> tuple[Tensor, "float | Tensor"]:
+        """``attend``'s computation: the pattern, then the block-sparse kernel.
 
         Pattern methods need not override it. A method whose computation is not one block pattern (e.g.
         HyperAttention's sorted buckets merged by log-sum-exp) overrides it and reports the fraction of causal

@@ -120,9 +120,9 @@ class Hyper(Selector):
             "hyper: HyperAttention is not one block pattern (LSH-sorted block-diagonal attention per head plus "
             "sampled keys, merged by log-sum-exp); call attend(q, k, v, ...) instead")
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
-               key_padding_mask: Tensor | None = None, backend: str = "auto",
-               layer_idx: int | None = None) -> tuple[Tensor, float]:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                key_padding_mask: Tensor | None = None, backend: str = "auto",
+                layer_idx: int | None = None) -> tuple[Tensor, float]:
         """Causal HyperAttention: ``(out [B, Hq, Lq, Dv], density)``; queries are the last ``Lq`` positions."""
         from ..ops import block_sparse_attention
 
