@@ -7,10 +7,12 @@
 #   bash benchmarks/gpu_calls.sh train-next     # session 3 (x2): ref-small stage 3 beside `next`
 #   bash benchmarks/gpu_calls.sh bench-next     # session 3: the new ref-small's dense scores and accuracy table
 #   bash benchmarks/gpu_calls.sh overhead       # session 3: cached shape constants, mask build, CUDA graphs
-#   bash benchmarks/gpu_calls.sh train-ddp      # next (x2): ref-small stage 4, data-parallel over both GPUs
-#   bash benchmarks/gpu_calls.sh verify         # next, first: kernel tests on the GPU, SALE/hyper timed, graph probe
-#   bash benchmarks/gpu_calls.sh blocks         # next: 128-token blocks for the 64-block methods, 16K crossovers
-#   bash benchmarks/gpu_calls.sh bench-final    # next, after train-ddp: issue 3's static table, issue 4's accuracy
+#   bash benchmarks/gpu_calls.sh train-ddp      # session 4 (x2): ref-small stage 4, data-parallel over both GPUs
+#   bash benchmarks/gpu_calls.sh verify         # kernel tests on the GPU, SALE/hyper timed, graph probe
+#   bash benchmarks/gpu_calls.sh blocks         # 128-token blocks for the 64-block methods, 16K crossovers
+#   bash benchmarks/gpu_calls.sh bench-final    # issue 3's static table, issue 4's accuracy (one GPU)
+#   bash benchmarks/gpu_calls.sh s4             # session 4 (x2): GPU 0 kernel tests + speed (eager and CUDA
+#                                               # graphs), GPU 1 the stage-4 model's dense, static and dynamic tables
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -127,6 +129,33 @@ case "${1:-}" in
       --depths none -n 20 --out "$OUT/bench-dynamic.jsonl" --no-progress > "$OUT/dynamic.txt" 2>&1
     tail -12 "$OUT/dynamic.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final" >&2
+  s4-speed)  # one GPU, about 8 minutes: Triton kernel and CUDA-graph tests on CUDA, then the prefill table on the
+              # stage-4 model's activations (eager), then the graphed variants at 8K-32K and their TTFT
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/test_sale_estimate_op.py tests/test_vertical_slash_op.py \
+      tests/test_ops.py tests/test_graphs.py > "$OUT/tests.txt" 2>&1; tail -4 "$OUT/tests.txt"
+    timeout 250 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536,131072 \
+      --methods dense,streaming,vertical_slash,flexprefill,hip,longheads,biformer,hyper,sale \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; tail -3 "$OUT/prefill.txt"
+    timeout 130 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft 8192,16384 \
+      --methods "dense,streaming+graph,vertical_slash+graph,flexprefill+graph,hip+graph,longheads+graph,biformer+graph,sale+graph" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; tail -3 "$OUT/prefill.txt"
+    ;;
+  s4-bench)  # one GPU, about 8 minutes: the stage-4 model's dense scores to 64K (MODEL.md), the static table at
+              # 4K-32K (issue 3), every dynamic method at its defaults on the NIAH family and vt at 8K-32K (issue 4)
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    timeout 150 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
+      --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench.jsonl" > "$OUT/bench.txt" 2>&1
+    timeout 100 $B --methods "dense;streaming;a_shape;sliding_window" --tasks niah_single,niah_multikey,vt \
+      --lengths 4096,8192,16384,32768 --out "$OUT/bench.jsonl" >> "$OUT/bench.txt" 2>&1
+    timeout 280 $B --methods "dense;vertical_slash;flexprefill;hip;longheads;biformer;sale;hyper" \
+      --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --lengths 8192,16384,32768 \
+      --out "$OUT/bench.jsonl" >> "$OUT/bench.txt" 2>&1; tail -12 "$OUT/bench.txt"
+    ;;
+  s4)  # nvidia-h200-x2, about 9 minutes: s4-speed on GPU 0 beside s4-bench on GPU 1
+    (CUDA_VISIBLE_DEVICES=1 bash "$0" s4-bench > "$OUT/s4-bench.log" 2>&1) & BP=$!
+    CUDA_VISIBLE_DEVICES=0 bash "$0" s4-speed
+    wait $BP; cat "$OUT/s4-bench.log"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4" >&2
      exit 2 ;;
 esac
