@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_calls.sh bench-final    # issue 3's static table, issue 4's accuracy (one GPU)
 #   bash benchmarks/gpu_calls.sh s4             # session 4 (x2): GPU 0 kernel tests + speed (eager and CUDA
 #                                               # graphs), GPU 1 the stage-4 model's dense, static and dynamic tables
+#   bash benchmarks/gpu_calls.sh s4-fill        # session 4 (x2): what s4 left undone (its bench cells resume)
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -155,6 +156,24 @@ case "${1:-}" in
     (CUDA_VISIBLE_DEVICES=1 bash "$0" s4-bench > "$OUT/s4-bench.log" 2>&1) & BP=$!
     CUDA_VISIBLE_DEVICES=0 bash "$0" s4-speed
     wait $BP; cat "$OUT/s4-bench.log"
+    ;;
+  s4-fill)  # nvidia-h200-x2, about 4 minutes: the kernel and graph tests again (the interpreter switch fixed;
+             # SIGINT so a timeout still prints the summary) and dense vt to 64K on GPU 0; on GPU 1 the static table,
+             # resuming from s4's bench rows (benchmarks/results/2026-11-29-s4-bench.jsonl)
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    cp benchmarks/results/2026-11-29-s4-bench.jsonl "$OUT/bench-static.jsonl"
+    cp benchmarks/results/2026-11-29-s4-bench.jsonl "$OUT/bench-dense.jsonl"
+    (export CUDA_VISIBLE_DEVICES=1; timeout -s INT 250 $B --methods "dense;streaming;a_shape;sliding_window" \
+       --tasks niah_single,niah_multikey,vt --lengths 4096,8192,16384,32768 --out "$OUT/bench-static.jsonl" \
+       > "$OUT/static.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0 TRITON_INTERPRET=0
+    ls /dev/nvidia* | tr '\n' ' '; echo
+    timeout -s INT 170 python -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_sale_estimate_op.py \
+      tests/test_vertical_slash_op.py tests/test_ops.py tests/test_graphs.py > "$OUT/tests.txt" 2>&1
+    grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -25
+    timeout -s INT 120 $B --methods dense --tasks vt --lengths 32768,65536 --out "$OUT/bench-dense.jsonl" \
+      > "$OUT/dense.txt" 2>&1; tail -4 "$OUT/dense.txt"
+    wait $BP; tail -22 "$OUT/static.txt"
     ;;
   *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4" >&2
      exit 2 ;;
