@@ -510,7 +510,10 @@ def test_triton_split_lists_matches_eager(case):
         kv_full = torch.rand(idx.shape, generator=g) < 0.5
         width = kb + 5  # wider than the index lists (the CPU kernel's requirement)
     args = (num, idx, kv_full, block_ok, head_map, causal, bs, bs, lk - lq, lk, width)
-    want, got = flex.split_lists(*args), flex.split_lists_triton(*args)
+    # Real Triton reads device memory only: on a GPU machine its inputs go to CUDA (the interpreter reads CPU ones).
+    on_gpu = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    triton_args = tuple(a.cuda() if on_gpu and isinstance(a, torch.Tensor) else a for a in args)
+    want, got = flex.split_lists(*args), [t.cpu() for t in flex.split_lists_triton(*triton_args)]
     for name, w, g_ in zip(("partial_num", "partial_idx", "full_num", "full_idx"), want, got):
         assert torch.equal(w.to(torch.int32), g_), name
     rows = num if head_map is None else num[:, head_map]

@@ -12,6 +12,8 @@ from sparsa.ops.vertical_slash import triton_available, vertical_slash_scores, v
 pytestmark = pytest.mark.skipif(not triton_available() or (not torch.cuda.is_available()
                                                           and os.environ.get("TRITON_INTERPRET") != "1"),
                                 reason="needs triton, and a GPU or TRITON_INTERPRET=1")
+# Real Triton reads device memory only: on a GPU machine the inputs go to CUDA (the interpreter reads CPU tensors).
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 
 
 @pytest.mark.parametrize("b,hq,hkv,p,lk,d,dtype", [
@@ -23,25 +25,25 @@ pytestmark = pytest.mark.skipif(not triton_available() or (not torch.cuda.is_ava
 ])
 def test_triton_matches_naive(b, hq, hkv, p, lk, d, dtype):
     g = torch.Generator().manual_seed(b * 100 + lk)
-    q = torch.randn(b, hq, p, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, lk, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, p, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(DEVICE, dtype)
     # Probes: the last p positions of a query chunk that ends at lk (prefix keys before them).
-    q_pos = torch.arange(lk - p, lk)
+    q_pos = torch.arange(lk - p, lk, device=DEVICE)
     want_v, want_s = vertical_slash_scores_naive(q, k, q_pos, d ** -0.5)
     got_v, got_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="triton")
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got_v, want_v, atol=tol, rtol=tol)
     torch.testing.assert_close(got_s, want_s, atol=tol, rtol=tol)
     # Every probe's probabilities sum to 1, and each lands once in a column and once on a diagonal.
-    assert torch.allclose(got_v.sum(-1), torch.full((b, hq), float(p)), atol=1e-3)
-    assert torch.allclose(got_s.sum(-1), torch.full((b, hq), float(p)), atol=1e-3)
+    assert torch.allclose(got_v.sum(-1), torch.full((b, hq), float(p), device=DEVICE), atol=1e-3)
+    assert torch.allclose(got_s.sum(-1), torch.full((b, hq), float(p), device=DEVICE), atol=1e-3)
 
 
 def test_scattered_probes_and_errors():
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 20, 32, generator=g)
-    k = torch.randn(1, 1, 300, 32, generator=g)
-    q_pos = torch.cat([torch.arange(40, 50), torch.arange(290, 300)])  # probes from two places
+    q = torch.randn(1, 2, 20, 32, generator=g).to(DEVICE)
+    k = torch.randn(1, 1, 300, 32, generator=g).to(DEVICE)
+    q_pos = torch.cat([torch.arange(40, 50), torch.arange(290, 300)]).to(DEVICE)  # probes from two places
     want = vertical_slash_scores_naive(q, k, q_pos, 0.2)
     got = vertical_slash_scores(q, k, q_pos, 0.2, backend="triton")
     for a, b in zip(got, want):
@@ -58,8 +60,8 @@ def test_selectors_give_the_same_pattern_with_the_triton_estimate(monkeypatch):
     from sparsa.prefill.vertical_slash import VerticalSlash
 
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, 400, 32, generator=g)
-    k = torch.randn(2, 2, 450, 32, generator=g)
+    q = torch.randn(2, 4, 400, 32, generator=g).to(DEVICE)
+    k = torch.randn(2, 2, 450, 32, generator=g).to(DEVICE)
     selectors = [VerticalSlash(vertical_size=20, slash_size=40, block=32),
                  FlexPrefill(gamma=0.6, min_budget=32, block=32)]
     want = [s.select(q, k).to_block_mask() for s in selectors]
@@ -72,18 +74,18 @@ def test_selectors_give_the_same_pattern_with_the_triton_estimate(monkeypatch):
 
 def test_padded_keys_get_no_probability():
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 4, 16, 32, generator=g)
-    k = torch.randn(2, 2, 150, 32, generator=g)
-    pad = torch.ones(2, 150, dtype=torch.bool)
+    q = torch.randn(2, 4, 16, 32, generator=g).to(DEVICE)
+    k = torch.randn(2, 2, 150, 32, generator=g).to(DEVICE)
+    pad = torch.ones(2, 150, dtype=torch.bool, device=DEVICE)
     pad[1, :90] = False  # left padding in the second sequence
-    q_pos = torch.cat([torch.arange(40, 48), torch.arange(142, 150)])  # some probes sit inside the padding
+    q_pos = torch.cat([torch.arange(40, 48), torch.arange(142, 150)]).to(DEVICE)  # some probes sit inside the padding
     want = vertical_slash_scores_naive(q, k, q_pos, 0.2, key_padding_mask=pad)
     got = vertical_slash_scores(q, k, q_pos, 0.2, backend="triton", key_padding_mask=pad)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert float(want[0][1, :, :90].abs().sum()) == 0.0
     # Probes that see only padding contribute nothing; the others still sum to one each.
-    torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0, device=DEVICE), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("slash_block,probes", [(16, "tail"), (32, "tail"), (16, "scattered")])
@@ -92,9 +94,10 @@ def test_banded_slash_matches_pooled_reference(slash_block, probes):
     g = torch.Generator().manual_seed(slash_block)
     b, hq, hkv, lk, d = 2, 4, 2, 700, 32
     q_pos = torch.arange(lk - 90, lk) if probes == "tail" else torch.cat([torch.arange(100, 130), torch.arange(650, 700)])
-    q = torch.randn(b, hq, len(q_pos), d, generator=g)
-    k = torch.randn(b, hkv, lk, d, generator=g)
-    pad = torch.ones(b, lk, dtype=torch.bool)
+    q_pos = q_pos.to(DEVICE)
+    q = torch.randn(b, hq, len(q_pos), d, generator=g).to(DEVICE)
+    k = torch.randn(b, hkv, lk, d, generator=g).to(DEVICE)
+    pad = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
     pad[1, :50] = False
     want_v, want_s = vertical_slash_scores_naive(q, k, q_pos, d ** -0.5, key_padding_mask=pad)
     got_v, got_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="triton", key_padding_mask=pad,
