@@ -112,3 +112,43 @@ def force_sink_and_diagonal(tiles: Tensor, q_len: int, kv_len: int, block_q: int
     tiles = tiles | diag
     tiles[..., 0] = True
     return tiles
+
+
+# ------------------------------------------------------------------------------ Quest bounds of key blocks
+def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Elementwise max and min of the keys of each run of ``block`` positions: ``(kmax, kmin)``, each
+    ``[B, H, nb, D]`` float32 (the last block may be shorter).
+
+    ``real [B, L]`` (True = real key): padded keys take no part; a block made only of padding gets
+    ``kmax = -inf`` and ``kmin = +inf``, so :func:`bound_scores` gives it ``-inf`` for any query with a nonzero
+    component (the callers mask such blocks explicitly anyway).
+    """
+    batch, heads, length, dim = k.shape
+    nb = -(-length // block)
+    tail = nb * block - length
+    hi, lo = k, k
+    if real is not None:
+        keep = real[:, None, :, None]
+        hi = k.masked_fill(~keep, float("-inf"))
+        lo = k.masked_fill(~keep, float("inf"))
+    if tail:  # pad with the neutral element of each reduction, so the short last block is exact
+        hi = torch.nn.functional.pad(hi, (0, 0, 0, tail), value=float("-inf"))
+        lo = torch.nn.functional.pad(lo, (0, 0, 0, tail), value=float("inf"))
+    kmax = hi.reshape(batch, heads, nb, block, dim).amax(3).float()
+    kmin = lo.reshape(batch, heads, nb, block, dim).amin(3).float()
+    return kmax, kmin
+
+
+def bound_scores(q: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
+    """Quest's upper bound of ``max_j q . k_j`` over the keys of a block (Tang et al., "Quest: Query-Aware
+    Sparsity for Efficient Long-Context LLM Inference", ICML 2024): ``sum_d max(q_d kmax_d, q_d kmin_d)``.
+
+    ``q [..., S, D]``, ``kmax``/``kmin`` ``[..., C, D]`` (float32) -> ``[..., S, C]``. A single key far above its
+    neighbours (a needle) raises its block's bound whatever its position in the block, where a block mean or a
+    representative token dilutes or misses it.
+    """
+    q = q.float()
+    # relu(q) . kmax + min(q, 0) . kmin, with the infinities of dead blocks kept out of 0 * inf = nan
+    pos = q.clamp(min=0) @ kmax.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
+    neg = q.clamp(max=0) @ kmin.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
+    return pos + neg
