@@ -26,10 +26,61 @@ def _dense(q, k, v):
 
 
 # ------------------------------------------------------------------------------------------------ 1-D
+def test_bound_routing_matches_brute_force():
+    """scoring="bound": per KV head and query block, the topk visible key blocks with the highest
+    max over sampled queries (all heads of the group) of sum_d max(q_d max_j k_jd, q_d min_j k_jd), plus the
+    diagonal; checked with loops in float64, GQA, Lq < Lk, a length that is not a multiple of the block, and
+    chunked scoring (query_samples=4 of 16)."""
+    from sparsa.prefill.estimate import sample_rows
+
+    b, hq, hkv, lq, lk, block, topk = 2, 8, 2, 150, 333, 16, 3
+    q, k, _ = _qkv(b, hq, hkv, lq, lk, seed=7)
+    sel = BiFormer(topk=topk, block=block, query_samples=4)
+    got = sel.select(q, k).validate().to_block_mask()
+    group, offset = hq // hkv, lk - lq
+    rows = sample_rows(lq, block, 4, "cpu")
+    qb, kb = -(-lq // block), -(-lk // block)
+    want = torch.zeros(b, hkv, qb, kb, dtype=torch.bool)
+    for r in range(qb):
+        last = (min((r + 1) * block, lq) - 1 + offset) // block
+        for bb in range(b):
+            for h in range(hkv):
+                qs = q[bb, h * group:(h + 1) * group, rows[r]].double().reshape(-1, q.shape[-1])
+                scores = []
+                for c in range(last + 1):
+                    keys = k[bb, h, c * block:(c + 1) * block].double()
+                    hi, lo = keys.max(0).values, keys.min(0).values
+                    scores.append(torch.maximum(qs * hi, qs * lo).sum(-1).max())
+                for c in torch.topk(torch.stack(scores), min(topk, last + 1)).indices.tolist():
+                    want[bb, h, r, c] = True
+                want[bb, h, r, last] = True
+    assert torch.equal(got, want)
+
+
+def test_bound_routing_finds_a_needle_the_means_miss():
+    """One key far back matches the last queries strongly, among keys of little variance (as real keys are, with
+    a few large channels); another block's keys all lean the queries' way a little. The bound routes the last
+    query block to the needle's block; the block means, where one key is diluted 64-fold, prefer the other."""
+    g = torch.Generator().manual_seed(11)
+    d, length, block = 64, 1024, 64
+    q, v = (torch.randn(1, 2, length, d, generator=g) for _ in range(2))
+    k = 0.1 * torch.randn(1, 2, length, d, generator=g)
+    direction = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    q[:, :, -block:] = 0.2 * q[:, :, -block:] + 4.0 * direction
+    k[:, :, 3 * block + 17] += 3.0 * direction  # the needle, inside key block 3
+    k[:, :, 6 * block:7 * block] += 0.5 * direction  # a block of mild matches
+    last = length // block - 1
+    for scoring, want in (("bound", 3), ("mean", 6)):
+        blocks = BiFormer(topk=1, block=block, scoring=scoring).select(q, k).to_block_mask()
+        picked = blocks[0, :, last, :last].nonzero()[:, 1]
+        assert picked.tolist() == [want, want], scoring
+
+
+@pytest.mark.parametrize("scoring", ["mean", "bound"])
 @pytest.mark.parametrize("b,hq,hkv,lq,lk", [(2, 4, 4, 203, 203), (1, 8, 2, 150, 333), (2, 4, 1, 96, 96)])
-def test_full_topk_equals_dense_causal(b, hq, hkv, lq, lk):
+def test_full_topk_equals_dense_causal(b, hq, hkv, lq, lk, scoring):
     q, k, v = _qkv(b, hq, hkv, lq, lk)
-    pattern = BiFormer(topk=100, block=16).select(q, k).validate()
+    pattern = BiFormer(topk=100, block=16, scoring=scoring).select(q, k).validate()
     assert pattern.density() == 1.0
     out = block_sparse_attention(q, k, v, pattern, backend="reference")
     torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
@@ -42,7 +93,7 @@ def test_small_topk_routes_by_pooled_scores(hq, hkv, lq, lk):
     plus its diagonal block; the kernel computes exactly those tiles; the output differs from dense."""
     b, block, topk = 2, 16, 3
     q, k, v = _qkv(b, hq, hkv, lq, lk, seed=1)
-    sel = BiFormer(topk=topk, block=block)
+    sel = BiFormer(topk=topk, block=block, scoring="mean")
     pattern = sel.select(q, k).validate()
     assert pattern.heads == hkv and pattern.batch == b
     assert pattern.density() < 0.6
@@ -71,14 +122,16 @@ def test_small_topk_routes_by_pooled_scores(hq, hkv, lq, lk):
 
 
 def test_planted_far_block_is_selected():
-    """Later queries match one far key block strongly: with topk=1 it is the block they route to."""
+    """Later queries match one far key block strongly: with topk=1 it is the block they route to (the paper's
+    mean routing; with keys this noisy, 32 dims of unit variance, the Quest bound is loose for every block)."""
+    scoring = "mean"
     b, hq, hkv, length, block, far = 1, 4, 2, 512, 32, 3
     q, k, v = _qkv(b, hq, hkv, length, length, d=32, seed=2)
     direction = torch.nn.functional.normalize(torch.randn(32), dim=0)
     q = 0.3 * q + 6.0 * direction
     keys = slice(far * block, (far + 1) * block)
     k[:, :, keys] = 0.3 * k[:, :, keys] + 6.0 * direction
-    pattern = BiFormer(topk=1, block=block).select(q, k)
+    pattern = BiFormer(topk=1, block=block, scoring=scoring).select(q, k)
     blocks = pattern.to_block_mask()
     assert bool(blocks[:, :, far + 1:, far].all()), "every later query block must read the planted block"
     assert int(blocks[:, :, far + 1:].sum(-1).max()) == 2  # the planted block plus the diagonal
@@ -96,6 +149,10 @@ def test_selector_parameters_and_registration():
         BiFormer(topk=0)
     with pytest.raises(ValueError, match="block"):
         BiFormer(block=48)
+    with pytest.raises(ValueError, match="scoring"):
+        BiFormer(scoring="max")
+    with pytest.raises(ValueError, match="query_samples"):
+        BiFormer(block=16, query_samples=17)
     with pytest.raises(ValueError, match="dense_below"):
         BiFormer(dense_below=-1)
     q, k, _ = _qkv(1, 3, 2, 64, 64)
@@ -106,15 +163,16 @@ def test_selector_parameters_and_registration():
         BiFormer(block=16).select(q, k)
 
 
+@pytest.mark.parametrize("scoring", ["mean", "bound"])
 @pytest.mark.parametrize("lq", [400, 300])
-def test_ignores_padded_keys(lq):
+def test_ignores_padded_keys(lq, scoring):
     """A left-padded second sequence: real query blocks never route to key blocks made only of padding, while
     the unmasked routing does; an unpadded sequence keeps its pattern."""
     lk, bs, n_pad = 400, 16, 128  # key blocks 0-7 of sequence 1 are padding
     q, k, v = _qkv(2, 8, 2, lq, lk, seed=23)
     pad = torch.ones(2, lk, dtype=torch.bool)
     pad[1, :n_pad] = False
-    sel = BiFormer(topk=4, block=bs)
+    sel = BiFormer(topk=4, block=bs, scoring=scoring)
     pattern = sel.select(q, k, key_padding_mask=pad).validate()
     assert pattern.batch == 2 and pattern.heads == 2
     rows = torch.arange(-(-lq // bs)) * bs + (lk - lq) >= n_pad  # real query blocks whose diagonal is real

@@ -16,6 +16,19 @@ Two forms:
 - :func:`biformer_attention_2d`: the paper's non-causal 2-D form on a row-major ``height x width`` token grid,
   ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
 
+Scoring of the 1-D selector (``scoring``): ``"mean"`` is the paper's routing above. The default ``"bound"``
+keeps BiFormer's structure (per query block, top-k key blocks plus the diagonal) but scores a pair of blocks
+with Quest's upper bound (Tang et al., ICML 2024): each key block is summarised by the elementwise max and min
+of its keys, and a query block by ``query_samples`` of its queries (every query head of the KV group, max over
+them). A single key that one query needs (a needle, a variable's definition) raises its block's bound, where
+the two block means dilute it 64-fold on each side. On ref-small, variable tracking at 8K tokens scored 0.61
+with mean routing against 1.00 dense (density 0.24, GPU, 20 samples; BENCHMARKS.md, session 4): on the
+captured attention of such prompts, the blocks holding the definitions a query needed were missed in about a
+thousand (query, head) cases with mean routing and in one with the bound. The bound is only as tight as the
+keys are concentrated: for keys of large isotropic noise every block's bound is alike (real keys have a few
+large channels, which is where Quest was shown to work). The cost is a matmul over the doubled head dim of
+the sampled queries (bf16 on the GPU), chunked over query blocks so that memory stays linear in length.
+
 Causality of the 1-D selector: a block descriptor is the mean over the whole block, so the routing of query
 block ``r`` also looks at the later queries of block ``r`` (and the diagonal key block at its later keys). This
 is a block-level routing decision only (the kernel still masks every later key), as in other block-sparse
@@ -41,7 +54,8 @@ from torch import Tensor
 
 from ..pattern import BlockPattern
 from ..registry import register
-from .base import Selector, check_block, check_int
+from .base import Selector, check_block, check_int, check_samples
+from .estimate import block_bounds, sample_rows
 
 
 def block_means(x: Tensor, block: int) -> Tensor:
@@ -102,11 +116,19 @@ class BiFormer(Selector):
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
     # estimation included (0.60x at 8K, 3.63x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
+    #: ``"bound"`` (Quest upper bound of each key block against sampled queries) or ``"mean"`` (the paper's
+    #: mean-pooled block descriptors); see the module docstring
+    scoring: str = "bound"
+    #: with ``scoring="bound"``: queries per query block that score it (evenly spaced, the block's last included)
+    query_samples: int = 16
 
     def __post_init__(self):
         super().__post_init__()
         check_int(self, "topk")
         check_block(self)
+        if self.scoring not in ("bound", "mean"):
+            raise ValueError(f"biformer: scoring must be 'bound' or 'mean', got {self.scoring!r}")
+        check_samples(self)
 
     def routing_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``[B, Hkv, Qb, Kb]`` float32 routing scores (before causal masking).
@@ -115,6 +137,8 @@ class BiFormer(Selector):
         last ``Lq`` positions of the mask) and key blocks made only of padding score ``-inf``.
         """
         _check_qk(q, k)
+        if self.scoring == "bound":
+            return self._bound_scores(q, k, key_padding_mask)
         if key_padding_mask is None:
             q_r = group_mean(block_means(q, self.block), k.shape[1])  # [B, Hkv, Qb, D]
             k_r = block_means(k, self.block)  # [B, Hkv, Kb, D]
@@ -124,6 +148,41 @@ class BiFormer(Selector):
         k_r, k_count = masked_block_means(k, self.block, real)
         scores = torch.einsum("bhqd,bhkd->bhqk", group_mean(q_r, k.shape[1]), k_r)
         return scores.masked_fill((k_count == 0)[:, None, None, :], float("-inf"))
+
+    def _bound_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """``[B, Hkv, Qb, Kb]``: per query block, the max over its sampled queries (all heads of the KV group) of
+        each key block's Quest bound; key blocks made only of padding, and padded sampled queries, score -inf."""
+        batch, hq, lq, dim = q.shape
+        hkv, lk, bs = k.shape[1], k.shape[2], self.block
+        real = None if key_padding_mask is None else key_padding_mask.to(device=k.device, dtype=torch.bool)
+        kmax, kmin = block_bounds(k, bs, real)  # [B, Hkv, Kb, D]
+        dead = torch.isinf(kmax[..., 0])  # [B, Hkv, Kb] blocks without a real key
+        # relu(q) . kmax + min(q, 0) . kmin as one matmul over a doubled head dim; bf16 on the GPU (scores are
+        # only ranked), the infinities of dead blocks zeroed first (they are masked below)
+        dtype = q.dtype if q.is_cuda else torch.float32
+        keys = torch.cat((kmax, kmin), -1).masked_fill(dead[..., None], 0).to(dtype).transpose(-1, -2)
+        rows = sample_rows(lq, bs, self.query_samples, q.device)  # [Qb, S]
+        qb, samples = rows.shape
+        group = hq // hkv
+        qs = q.index_select(2, rows.flatten()).to(dtype).view(batch, hkv, group, qb, samples, dim)
+        qs = qs.transpose(2, 3).reshape(batch, hkv, qb, group * samples, dim)
+        qs = torch.cat((qs.clamp(min=0), qs.clamp(max=0)), -1)
+        q_dead = None
+        if real is not None:  # padded sampled queries do not score
+            q_dead = ~real[:, lk - lq:].index_select(1, rows.flatten()).view(batch, 1, qb, 1, samples)
+        # chunks of query blocks: the [.., rows, Kb] scores before the max stay below ~2^26 elements
+        chunk = max(1, (1 << 26) // max(1, batch * hkv * group * samples * kmax.shape[2]))
+        parts = []
+        for start in range(0, qb, chunk):
+            part = qs[:, :, start:start + chunk]
+            n = part.shape[2]
+            scores = (part.reshape(batch, hkv, n * group * samples, 2 * dim) @ keys).view(
+                batch, hkv, n, group, samples, -1)
+            if q_dead is not None:
+                scores = scores.masked_fill(q_dead[:, :, start:start + n, :, :, None], float("-inf"))
+            parts.append(scores.amax((3, 4)).float())
+        scores = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
+        return scores.masked_fill(dead[:, :, None, :], float("-inf"))
 
     def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         scores = self.routing_scores(q, k, key_padding_mask)
