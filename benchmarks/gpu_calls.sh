@@ -14,6 +14,8 @@
 #   bash benchmarks/gpu_calls.sh s4             # session 4 (x2): GPU 0 kernel tests + speed (eager and CUDA
 #                                               # graphs), GPU 1 the stage-4 model's dense, static and dynamic tables
 #   bash benchmarks/gpu_calls.sh s4-fill        # session 4 (x2): what s4 left undone (its bench cells resume)
+#   bash benchmarks/gpu_calls.sh s4-final       # session 4 (x2): Quest-bound hip/biformer timed and benched, the
+#                                               # rest of the dynamic vt cells (resuming from the -all rows)
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -174,6 +176,28 @@ case "${1:-}" in
     timeout -s INT 120 $B --methods dense --tasks vt --lengths 32768,65536 --out "$OUT/bench-dense.jsonl" \
       > "$OUT/dense.txt" 2>&1; tail -4 "$OUT/dense.txt"
     wait $BP; tail -22 "$OUT/static.txt"
+    ;;
+  s4-final)  # nvidia-h200-x2, about 6 minutes. GPU 0: the kernel, graph and selector tests on CUDA, then hip and
+              # biformer with scoring="bound" timed (eager to 128K with TTFT, then CUDA graphs at 8K-32K). GPU 1: the
+              # dynamic methods' missing vt cells, then bound hip/biformer on the NIAH family and vt at 8K-32K.
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    cp benchmarks/results/2026-11-29-s4-bench-all.jsonl "$OUT/bench-final.jsonl"
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 170 $B --methods "dense;vertical_slash;flexprefill;longheads;sale;hyper" --tasks vt \
+       --lengths 8192,16384,32768 --out "$OUT/bench-final.jsonl" > "$OUT/final.txt" 2>&1
+     timeout -s INT 190 $B --methods "dense;hip:scoring=bound;biformer:scoring=bound" \
+       --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --lengths 8192,16384,32768 \
+       --out "$OUT/bench-final.jsonl" >> "$OUT/final.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0 TRITON_INTERPRET=0
+    timeout -s INT 100 python -m pytest -q -rf --tb=line -p no:cacheprovider tests/test_vertical_slash_op.py \
+      tests/test_ops.py tests/test_graphs.py tests/test_prefill_biformer.py tests/test_hip_bound.py -k "not hf_smoke" \
+      > "$OUT/tests.txt" 2>&1; grep -E "passed|failed|FAILED|Error" "$OUT/tests.txt" | tail -12
+    timeout 130 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536,131072 \
+      --methods dense,hip,biformer --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout 90 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft 8192,16384 \
+      --methods "dense,hip+graph,biformer+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
+      >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
+    wait $BP; tail -30 "$OUT/final.txt"
     ;;
   *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4" >&2
      exit 2 ;;
