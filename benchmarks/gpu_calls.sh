@@ -183,9 +183,9 @@ case "${1:-}" in
     B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     cp benchmarks/results/2026-11-29-s4-bench-all.jsonl "$OUT/bench-final.jsonl"
     (export CUDA_VISIBLE_DEVICES=1
-     timeout -s INT 170 $B --methods "dense;vertical_slash;flexprefill;longheads;sale;hyper" --tasks vt \
+     timeout -s INT 150 $B --methods "dense;vertical_slash;flexprefill;longheads;sale;hyper" --tasks vt \
        --lengths 8192,16384,32768 --out "$OUT/bench-final.jsonl" > "$OUT/final.txt" 2>&1
-     timeout -s INT 190 $B --methods "dense;hip:scoring=bound;biformer:scoring=bound" \
+     timeout -s INT 170 $B --methods "dense;hip:scoring=bound;biformer:scoring=bound" \
        --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --lengths 8192,16384,32768 \
        --out "$OUT/bench-final.jsonl" >> "$OUT/final.txt" 2>&1) & BP=$!
     export CUDA_VISIBLE_DEVICES=0 TRITON_INTERPRET=0
