@@ -35,7 +35,7 @@ def test_bound_routing_matches_brute_force():
 
     b, hq, hkv, lq, lk, block, topk = 2, 8, 2, 150, 333, 16, 3
     q, k, _ = _qkv(b, hq, hkv, lq, lk, seed=7)
-    sel = BiFormer(topk=topk, block=block, query_samples=4)
+    sel = BiFormer(topk=topk, block=block, query_samples=4, scoring="bound")
     got = sel.select(q, k).validate().to_block_mask()
     group, offset = hq // hkv, lk - lq
     rows = sample_rows(lq, block, 4, "cpu")

@@ -14,6 +14,9 @@ pytestmark = pytest.mark.skipif(not triton_available() or (not torch.cuda.is_ava
                                 reason="needs triton, and a GPU or TRITON_INTERPRET=1")
 # Real Triton reads device memory only: on a GPU machine the inputs go to CUDA (the interpreter reads CPU tensors).
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+# On the GPU, tl.dot multiplies fp32 inputs in TF32 (10-bit mantissa): probabilities then agree with the fp32
+# reference to ~1.5e-3 relative (measured on the H200), which is plenty for choosing tiles. The interpreter is exact.
+FP32_TOL = 3e-3 if DEVICE == "cuda" else 1e-5
 
 
 @pytest.mark.parametrize("b,hq,hkv,p,lk,d,dtype", [
@@ -31,7 +34,7 @@ def test_triton_matches_naive(b, hq, hkv, p, lk, d, dtype):
     q_pos = torch.arange(lk - p, lk, device=DEVICE)
     want_v, want_s = vertical_slash_scores_naive(q, k, q_pos, d ** -0.5)
     got_v, got_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="triton")
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    tol = FP32_TOL if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got_v, want_v, atol=tol, rtol=tol)
     torch.testing.assert_close(got_s, want_s, atol=tol, rtol=tol)
     # Every probe's probabilities sum to 1, and each lands once in a column and once on a diagonal.
@@ -47,7 +50,7 @@ def test_scattered_probes_and_errors():
     want = vertical_slash_scores_naive(q, k, q_pos, 0.2)
     got = vertical_slash_scores(q, k, q_pos, 0.2, backend="triton")
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=FP32_TOL)
     assert float(got[0][..., 51:290].sum()) > 0 and float(got[0][..., 300:].sum()) == 0
     with pytest.raises(ValueError, match="backend"):
         vertical_slash_scores(q, k, q_pos, 0.2, backend="cuda")
@@ -82,7 +85,7 @@ def test_padded_keys_get_no_probability():
     want = vertical_slash_scores_naive(q, k, q_pos, 0.2, key_padding_mask=pad)
     got = vertical_slash_scores(q, k, q_pos, 0.2, backend="triton", key_padding_mask=pad)
     for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=FP32_TOL, rtol=FP32_TOL)
     assert float(want[0][1, :, :90].abs().sum()) == 0.0
     # Probes that see only padding contribute nothing; the others still sum to one each.
     torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0, device=DEVICE), atol=1e-4, rtol=0)
@@ -103,8 +106,8 @@ def test_banded_slash_matches_pooled_reference(slash_block, probes):
     got_v, got_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="triton", key_padding_mask=pad,
                                          slash_block=slash_block)
     pooled = torch.nn.functional.pad(want_s, (0, -lk % slash_block)).view(b, hq, -1, slash_block).sum(-1)
-    torch.testing.assert_close(got_v, want_v, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got_s, pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, want_v, atol=FP32_TOL, rtol=FP32_TOL)
+    torch.testing.assert_close(got_s, pooled, atol=FP32_TOL, rtol=FP32_TOL)
     naive_v, naive_s = vertical_slash_scores(q, k, q_pos, d ** -0.5, backend="naive", key_padding_mask=pad,
                                              slash_block=slash_block)
     torch.testing.assert_close(naive_s, pooled)

@@ -16,18 +16,18 @@ Two forms:
 - :func:`biformer_attention_2d`: the paper's non-causal 2-D form on a row-major ``height x width`` token grid,
   ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
 
-Scoring of the 1-D selector (``scoring``): ``"mean"`` is the paper's routing above. The default ``"bound"``
+Scoring of the 1-D selector (``scoring``): ``"mean"`` (the default) is the paper's routing above. ``"bound"``
 keeps BiFormer's structure (per query block, top-k key blocks plus the diagonal) but scores a pair of blocks
 with Quest's upper bound (Tang et al., ICML 2024): each key block is summarised by the elementwise max and min
 of its keys, and a query block by ``query_samples`` of its queries (every query head of the KV group, max over
-them). A single key that one query needs (a needle, a variable's definition) raises its block's bound, where
-the two block means dilute it 64-fold on each side. On ref-small, variable tracking at 8K tokens scored 0.61
-with mean routing against 1.00 dense (density 0.24, GPU, 20 samples; BENCHMARKS.md, session 4): on the
-captured attention of such prompts, the blocks holding the definitions a query needed were missed in about a
-thousand (query, head) cases with mean routing and in one with the bound. The bound is only as tight as the
-keys are concentrated: for keys of large isotropic noise every block's bound is alike (real keys have a few
-large channels, which is where Quest was shown to work). The cost is a matmul over the doubled head dim of
-the sampled queries (bf16 on the GPU), chunked over query blocks so that memory stays linear in length.
+them). A single key that one query needs (a variable's definition) raises its block's bound, where the two
+block means dilute it 64-fold on each side. Measured on ref-small (H200, 20 samples per cell, 8K-32K; BENCHMARKS.md,
+session 4), at the same density: variable tracking kept 88-97% of dense with the bound against 61% (8K) with the
+means, but the NIAH tasks kept 92.8% against 98.3%, and the estimate cost more (32K: 4.8x SDPA flash against
+6.1x). Neither is better everywhere, so the paper's routing stays the default. The bound is only as tight as
+the keys are concentrated: for keys of large isotropic noise every block's bound is alike. The cost is a matmul
+over the doubled head dim of the sampled queries (bf16 on the GPU), chunked over query blocks so that memory
+stays linear in length.
 
 Causality of the 1-D selector: a block descriptor is the mean over the whole block, so the routing of query
 block ``r`` also looks at the later queries of block ``r`` (and the diagonal key block at its later keys). This
@@ -116,9 +116,9 @@ class BiFormer(Selector):
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
     # estimation included (0.60x at 8K, 3.63x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
-    #: ``"bound"`` (Quest upper bound of each key block against sampled queries) or ``"mean"`` (the paper's
-    #: mean-pooled block descriptors); see the module docstring
-    scoring: str = "bound"
+    #: ``"mean"`` (the paper's mean-pooled block descriptors) or ``"bound"`` (Quest upper bound of each key
+    #: block against sampled queries); see the module docstring
+    scoring: str = "mean"
     #: with ``scoring="bound"``: queries per query block that score it (evenly spaced, the block's last included)
     query_samples: int = 16
 
