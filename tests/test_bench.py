@@ -77,3 +77,31 @@ def test_ray_local(tmp_path):
     assert sorted((r["method"], r["score"], r["density"]) for r in rows) == \
         sorted((r["method"], r["score"], r["density"]) for r in local)
     assert all(json.loads(line)["key"] for line in out.read_text().splitlines())
+
+
+def test_cell_keys_follow_method_defaults_and_checkpoint(tmp_path):
+    """Results are resumed only for the same method configuration and the same checkpoint: a changed default,
+    or a retrained model saved under the same name, gets new keys instead of the old rows."""
+    import shutil
+
+    from sparsa.bench import runner
+    from sparsa.prefill.hip import HiP
+
+    cell = lambda spec: runner.Cell("vt", 4096, None, spec)  # noqa: E731
+    spec = runner.parse_method("hip")
+    before = cell(spec).key("m", 4, 0)
+    assert cell(runner.parse_method("hip")).key("m", 4, 0) == before  # stable
+    # the config holds the defaults too; a new default (same label, same params) is a new configuration
+    assert f'"mask_k": {HiP().mask_k}' in spec.config and '"scoring"' in spec.config
+    changed = runner.MethodSpec("hip", "hip", {}, runner.method_config(HiP(mask_k=HiP().mask_k * 2)))
+    assert cell(changed).key("m", 4, 0) != before
+
+    model = tmp_path / "ref-tiny"
+    shutil.copytree(runner.resolve_model("ref-tiny"), model)
+    first = runner.model_fingerprint(model)
+    assert runner.model_fingerprint(model) == first
+    weights = next(model.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one byte of the weights
+    weights.write_bytes(bytes(data))
+    assert runner.model_fingerprint(model) != first

@@ -14,6 +14,7 @@ Methods are given as ``name`` or ``name:key=value,key=value`` (values parsed as 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -40,6 +41,9 @@ class MethodSpec:
     label: str
     name: str  # "dense" = the baseline (no prefill method)
     params: dict = field(default_factory=dict, hash=False)
+    #: every parameter of the method as created, defaults included (JSON): part of a cell's key, so results
+    #: made before a default changed are not resumed as if they were this method's
+    config: str = field(default="", compare=False)
 
     @property
     def baseline(self) -> bool:
@@ -60,9 +64,35 @@ def parse_method(text: str) -> MethodSpec:
             params[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             params[key.strip()] = value.strip()
+    config = ""
     if name != "dense" or params:
-        registry.create("prefill", name, **params)  # validates the name and parameters now, not mid-run
-    return MethodSpec(text.strip(), name, params)
+        method = registry.create("prefill", name, **params)  # validates the name and parameters now, not mid-run
+        config = method_config(method)
+    return MethodSpec(text.strip(), name, params, config)
+
+
+def method_config(method) -> str:
+    """A method's parameters as created (its dataclass fields, defaults included), as canonical JSON."""
+    values = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)} if dataclasses.is_dataclass(method) \
+        else {}
+    return json.dumps(values, sort_keys=True, default=repr)
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short hash of a model directory's config and weights (1 MiB from the middle of each weight file):
+    a retrained checkpoint under the same name gets new cell keys, so its results are never mixed with the
+    old ones on resume."""
+    digest = hashlib.sha1()
+    for file in sorted(path.iterdir()):
+        if file.name == "config.json":
+            digest.update(file.read_bytes())
+        elif file.suffix in (".safetensors", ".bin"):
+            size = file.stat().st_size
+            with file.open("rb") as f:
+                f.seek(max(size // 2 - (1 << 19), 0))
+                digest.update(f.read(1 << 20))
+            digest.update(str(size).encode())
+    return digest.hexdigest()[:10]
 
 
 def resolve_model(model: str | None) -> Path:
@@ -101,7 +131,7 @@ class Cell:
     method: MethodSpec
 
     def key(self, model: str, n: int, seed: int) -> str:
-        text = json.dumps([model, self.method.label, self.task, self.length, self.depth, n, seed])
+        text = json.dumps([model, self.method.label, self.method.config, self.task, self.length, self.depth, n, seed])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -242,7 +272,7 @@ def run_bench(model=None, methods=None, tasks=None, lengths=None, depths=DEFAULT
               batch_size: int = 4, progress: bool = True, ray_address: str | None | bool = False) -> list[dict]:
     """Run (or resume) a benchmark; returns every row of the results file for this configuration."""
     path = resolve_model(model)
-    model_name = path.name
+    model_name = f"{path.name}@{model_fingerprint(path)}"  # the checkpoint, not just its folder's name
     specs = [parse_method(m) for m in (methods or DEFAULT_METHODS)]
     if not any(s.baseline for s in specs):
         specs.insert(0, MethodSpec("dense", "dense"))  # retention needs the baseline on the same samples
