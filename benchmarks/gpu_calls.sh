@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_calls.sh s4-fill        # session 4 (x2): what s4 left undone (its bench cells resume)
 #   bash benchmarks/gpu_calls.sh s4-final       # session 4 (x2): Quest-bound hip/biformer timed and benched, the
 #                                               # rest of the dynamic vt cells (resuming from the -all rows)
+#   bash benchmarks/gpu_calls.sh s5-bound       # next (x2): longheads' bound scoring and a larger hip budget,
+#                                               # accuracy on one GPU, speed on the other
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -198,6 +200,23 @@ case "${1:-}" in
       --methods "dense,hip+graph,biformer+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
       >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
     wait $BP; tail -30 "$OUT/final.txt"
+    ;;
+  s5-bound)  # nvidia-h200-x2, about 7 minutes, not yet run. GPU 1: the NIAH family and vt at 8K-32K for the
+              # bound-scored candidates (longheads, hip with twice the budget) and biformer's missing vt cells;
+              # GPU 0: their speed to 128K (eager) and at 8K-32K with CUDA graphs.
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 380 $B --methods "dense;longheads:scoring=bound;hip:mask_k=1024;biformer" \
+       --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery --lengths 8192,16384,32768 \
+       --out "$OUT/bench-bound.jsonl" > "$OUT/bound.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense,hip,hip:mask_k=1024,longheads,longheads:scoring=bound,biformer" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout 120 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \
+      --methods "dense,hip+graph,longheads:scoring=bound+graph,biformer+graph" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
+    wait $BP; tail -30 "$OUT/bound.txt"
     ;;
   *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4" >&2
      exit 2 ;;
