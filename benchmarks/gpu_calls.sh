@@ -202,16 +202,17 @@ case "${1:-}" in
     wait $BP; tail -30 "$OUT/final.txt"
     ;;
   s5-bound)  # nvidia-h200-x2, about 7 minutes, not yet run. GPU 1: the NIAH family and vt at 8K-32K for the
-              # bound-scored candidates (longheads, hip with twice the budget) and biformer's missing vt cells;
+              # bound-scored candidates (longheads, biformer with sink and local blocks, hip with twice the budget)
+              # and biformer's missing vt cells;
               # GPU 0: their speed to 128K (eager) and at 8K-32K with CUDA graphs.
     B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     (export CUDA_VISIBLE_DEVICES=1
-     timeout -s INT 380 $B --methods "dense;longheads:scoring=bound;hip:mask_k=1024;biformer" \
+     timeout -s INT 380 $B --methods "dense;longheads:scoring=bound;hip:mask_k=1024;biformer;biformer:scoring=bound,sink_blocks=1,local_blocks=2" \
        --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery --lengths 8192,16384,32768 \
        --out "$OUT/bench-bound.jsonl" > "$OUT/bound.txt" 2>&1) & BP=$!
     export CUDA_VISIBLE_DEVICES=0
     timeout 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
-      --methods "dense,hip,hip:mask_k=1024,longheads,longheads:scoring=bound,biformer" \
+      --methods "dense;hip;hip:mask_k=1024;longheads;longheads:scoring=bound;biformer;biformer:scoring=bound,sink_blocks=1,local_blocks=2" \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
     timeout 120 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \
       --methods "dense,hip+graph,longheads:scoring=bound+graph,biformer+graph" \

@@ -264,3 +264,30 @@ def test_2d_errors():
         biformer_attention_2d(q, k, v, 8, 8, 2, 2)
     with pytest.raises(ValueError, match="n_win"):
         biformer_attention_2d(q, k, v, 8, 6, 0, 1)
+
+
+@pytest.mark.parametrize("scoring", ["mean", "bound"])
+def test_sink_and_local_blocks_come_on_top_of_the_routed_ones(scoring):
+    """sink_blocks / local_blocks are always computed and do not use the topk budget; GQA, Lq < Lk, batch 2."""
+    b, hq, hkv, lq, lk, block, topk = 2, 8, 2, 300, 517, 16, 3
+    q, k, v = _qkv(b, hq, hkv, lq, lk, seed=4)
+    plain = BiFormer(topk=topk, block=block, scoring=scoring).select(q, k).to_block_mask()
+    sel = BiFormer(topk=topk, block=block, scoring=scoring, sink_blocks=1, local_blocks=2)
+    pattern = sel.select(q, k).validate()
+    blocks = pattern.to_block_mask()
+    offset = lk - lq
+    for r in range(blocks.shape[2]):
+        last = (min((r + 1) * block, lq) - 1 + offset) // block
+        forced = {0} | set(range(max(last - 2, 0), last + 1))
+        row = blocks[:, :, r]
+        assert bool(row[..., sorted(forced)].all())
+        routed = row.clone()
+        routed[..., sorted(forced)] = False
+        assert int(routed.sum(-1).max()) <= topk  # the budget goes to blocks beyond the forced ones
+        assert not bool(row[..., last + 1:].any())
+    assert bool((blocks & ~plain).any())  # the forced blocks add tiles
+    out = block_sparse_attention(q, k, v, pattern, backend="reference")
+    mask = token_mask_of(pattern, b, hq, hkv, causal=True)
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, mask)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="local_blocks"):
+        BiFormer(local_blocks=-1)
