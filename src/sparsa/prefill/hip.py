@@ -86,7 +86,7 @@ from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
-from .estimate import block_bounds, sample_rows
+from .estimate import sample_rows
 
 SCORINGS = ("bound", "centre")
 
@@ -203,41 +203,101 @@ class HiP(Selector):
                       widest: int) -> Tensor:
         """``_search`` scoring each child by the Quest bound of its (real) keys: ``relu(q) . kmax + relu(-q) .
         (-kmin)``, from the sparse table of ``[kmax, -kmin]`` (one gather per level) against the sampled queries
-        ``[relu(q), relu(-q)]`` (float32)."""
+        ``[relu(q), relu(-q)]`` (float32).
+
+        A node is carried as ``(lo, n)`` (first block, size): both children of a node, their first and last blocks
+        and the flat-table rows of their two windows are ``lo`` plus offsets that depend on ``n`` only, so one
+        look-up in ``_bound_layout``'s ``lut`` and one add give them (the first level's, from the shape-only
+        initial nodes, are made once). Same scores and ties as halving ``[lo, hi)`` and :func:`node_bounds`."""
         batch, hkv, qb, topk, _ = nodes.shape
-        bs = self.block
-        q_rep, rows = self._query_samples(q, hkv)  # a copy of q's samples: negated in place below
-        dim = q_rep.shape[-1]
-        q_pm = q_rep.new_empty(*q_rep.shape[:-1], 2 * dim)  # [B, Hkv, Qb, S * G, 2D]: [relu(q), relu(-q)]
-        torch.clamp(q_rep, min=0, out=q_pm[..., :dim])
-        torch.clamp(q_rep.neg_(), min=0, out=q_pm[..., dim:])
-        del q_rep
-        table = bound_table(k, bs, real, -(-widest // 2))  # children are at most ceil(widest / 2) blocks
-        q_pos = None  # as in _search: with a window block every searched key precedes every sampled query
+        two_k, lq, lk, dev = 2 * topk, q.shape[2], k.shape[2], q.device
+        const = self._bound_layout(lq, lk, dev)
+        q_pm = self._bound_queries(q, hkv, const["signs"])  # [B, Hkv, Qb, S * G, 2D]
+        table = bound_table(k, self.block, real, -(-widest // 2))  # children are at most ceil(widest / 2) blocks
+        width = table.shape[-1]
+        # every (query block, child) row reads the table of its sequence and head: an expanded view, no copy
+        windows = table.view(batch, hkv, 1, 1, -1, width).expand(batch, hkv, qb, two_k, -1, width)
+        q_blk = None  # as in _search: with a window block every searched key precedes every sampled query
         if real is not None or self.sliding_window == 0:
-            q_pos = (rows + (k.shape[2] - q.shape[2]))[:, None, :, None]  # [Qb, 1, S, 1]
+            # a sample sees a child's first key (block lo) iff its position // block >= lo
+            q_blk = const["q_blk"]  # [Qb, 1, S, 1]
         if real is not None:
-            q_pos = torch.where(real[:, q_pos], q_pos, -1)[:, None]  # padded queries see no key
+            q_blk = torch.where(real[:, const["q_pos"]], q_blk, -1)[:, None]  # padded queries see no key
             kb = table.shape[3]
-            block_real = torch.nn.functional.pad(real, (0, kb * bs - real.shape[1])).view(batch, kb, bs).any(-1)
-            real_before = torch.nn.functional.pad(block_real.cumsum(-1), (1, 0))  # [B, Kb + 1] real blocks before
-        for _ in range(levels):
-            children = _halve(nodes)  # [B, Hkv, Qb, 2k, 2]
-            c_lo, c_hi = children.unbind(-1)
-            if real is None:
-                alive = c_hi > c_lo
-            else:  # a child without a real key is dead
-                count = torch.gather(real_before, 1, children.view(batch, -1)).view(children.shape)
+            # [B, Kb + 1] real blocks before each block: a leading block of padding makes the cumsum start at 0
+            real_before = torch.nn.functional.pad(real, (self.block, kb * self.block - real.shape[1]))
+            real_before = real_before.view(batch, kb + 1, self.block).any(-1).cumsum(-1)
+            real_before = real_before.view(batch, 1, 1, 1, -1).expand(batch, hkv, qb, two_k, -1)
+        children = const["children"].expand(batch, hkv, -1, -1, -1)  # [B, Hkv, Qb, 2k, 5]
+        state = nodes
+        for level in range(levels):
+            # children: per child [window row, window row, lo, hi, n]
+            if level:
+                lo, n = state.unbind(-1)  # the previous level's kept children
+                children = const["lut"][n]  # [B, Hkv, Qb, k, 2, 5]
+                children[..., :4].add_(lo[..., None, None])
+                children = children.view(batch, hkv, qb, two_k, 5)
+            if real is not None:  # a child without a real key is dead
+                count = torch.gather(real_before, 4, children[..., 2:4])
                 alive = count[..., 1] > count[..., 0]
-            bounds = node_bounds(table, children)  # [B, Hkv, Qb, 2k, 2D]
+            else:
+                alive = children[..., 4] > 0 if level else const["alive"]
+            rows = children[..., :2, None].expand(batch, hkv, qb, two_k, 2, width)
+            bounds = torch.gather(windows, 4, rows).amax(-2)  # [B, Hkv, Qb, 2k, 2D]
             s = torch.matmul(bounds, q_pm.transpose(-1, -2))
-            s = s.view(*alive.shape, self.query_samples, -1)  # [B, Hkv, Qb, 2k, S, G]
-            if q_pos is not None:  # a sample scores the children whose first key it sees
-                s = torch.where(q_pos >= (c_lo * bs)[..., None, None], s, float("-inf"))
+            s = s.view(batch, hkv, qb, two_k, self.query_samples, -1)  # [B, Hkv, Qb, 2k, S, G]
+            if q_blk is not None:  # a sample scores the children whose first key it sees
+                s = torch.where(q_blk >= children[..., 2, None, None], s, float("-inf"))
             s = torch.where(alive, s.amax((-2, -1)), float("-inf"))
-            best = torch.topk(s, topk, dim=-1).indices
-            nodes = torch.gather(children, -2, best[..., None].expand(-1, -1, -1, -1, 2))
-        return nodes
+            best = torch.topk(s, topk, dim=-1).indices[..., None].expand(-1, -1, -1, -1, 2)
+            # the kept children: (lo, n) for the next level, (lo, hi) after the last
+            state = torch.gather(children[..., 2:4] if level == levels - 1 else children[..., 2::2], 3, best)
+        return state
+
+    def _bound_queries(self, q: Tensor, hkv: int, signs: Tensor) -> Tensor:
+        """``[B, Hkv, Qb, S * G, 2D]`` float32 ``[relu(q), relu(-q)]`` of the sampled queries, ordered as in
+        ``_query_samples`` (``q * [1, -1]`` promotes to float32 exactly, then one clamp)."""
+        batch, hq, lq, dim = q.shape
+        rows = sample_rows(lq, self.block, self.query_samples, q.device)
+        by_position = q.view(batch, hkv, hq // hkv, lq, dim).transpose(2, 3)  # [B, Hkv, Lq, G, D]
+        rep = by_position.index_select(2, rows.flatten())
+        if rep.dtype == torch.float64:
+            rep = rep.float()
+        q_pm = rep.view(batch, hkv, rows.shape[0], -1, 1, dim) * signs  # [B, Hkv, Qb, S * G, 2, D] float32
+        return q_pm.clamp_(min=0).view(batch, hkv, rows.shape[0], -1, 2 * dim)
+
+    def _bound_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
+        """Shape-only tensors of ``_search_bound``, made once per geometry and device (shared: read only):
+        ``lut [widest + 1, 2, 5]``, per node size ``n``, its two children's ``[window row, window row, lo, hi, n]``
+        (rows of the flat sparse table and block range, relative to the node's ``lo``, the size absolute);
+        ``children [Qb, 2k, 5]`` and ``alive [Qb, 2k]``, those of the initial nodes' children; ``q_pos [Qb, 1, S,
+        1]``, the sampled queries' key positions, and ``q_blk``, their key blocks; ``signs``, ``[[1], [-1]]``."""
+        key = ("hip_bound", lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, self.query_samples,
+               device_key(device))
+        return shape_constant(key, lambda: self._make_bound_layout(lq, lk, device))
+
+    def _make_bound_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
+        bs, topk = self.block, self.topk_blocks
+        win, n_sink = -(-self.sliding_window // bs), -(-self.sink // bs)
+        n_max = max(0, max((lk - 1) // bs - win, 0) - n_sink)
+        widest = -(-n_max // topk)
+        kb = -(-lk // bs)
+        offsets = _window_offsets(_table_levels(-(-widest // 2), kb), kb, "cpu").tolist()
+        entries = []
+        for n in range(widest + 1):
+            half = n // 2
+            entries.append([[lo + offsets[size][0], lo + size + offsets[size][1], lo, lo + size, size]
+                            for lo, size in ((0, half), (half, n - half))])
+        lut = torch.tensor(entries, dtype=torch.long, device=device)
+        lo, hi = self._layout("nodes", lq, lk, device).unbind(-1)  # [Qb, k]
+        children = lut[hi - lo]
+        children[..., :4].add_(lo[..., None, None])
+        children = children.view(len(lo), 2 * topk, 5)
+        rows = sample_rows(lq, bs, self.query_samples, device)
+        q_pos = (rows + (lk - lq))[:, None, :, None]
+        return {"lut": lut, "children": children, "alive": children[..., 4] > 0, "q_pos": q_pos,
+                "q_blk": torch.div(q_pos, bs, rounding_mode="floor"),
+                "signs": torch.tensor([[1.0], [-1.0]], device=device)}
 
     def _query_samples(self, q: Tensor, hkv: int) -> tuple[Tensor, Tensor]:
         """``[B, Hkv, Qb, S * G, D]`` float32 sampled queries, sample-major (their scores are reduced over samples
@@ -305,20 +365,33 @@ def bound_table(k: Tensor, block: int, real: Tensor | None, widest: int) -> Tens
     holding ``[max, -min]`` (elementwise) over the keys of blocks ``i .. i + 2^j - 1``, for the ``J`` levels that
     ranges of up to ``widest`` blocks need. Built with one op per level; the entries of level ``j`` past
     ``Kb - 2^j`` (windows running off the end) are left unset and never read. ``real [B, L]``: padded keys take no
-    part; a window of padding only holds ``-3e38`` (finite, so no ``0 * inf``; callers mask such nodes)."""
-    kmax, kmin = block_bounds(k, block, real)  # [B, H, Kb, D] float32 each
-    batch, heads, kb, dim = kmax.shape
-    levels = max(1, min(widest, kb)).bit_length()  # 2^(J-1) <= widest < 2^J
-    table = kmax.new_empty(batch, heads, levels, kb, 2 * dim)
+    part; a window of padding only holds ``-inf`` (its nodes' scores may be NaN: callers mask such nodes)."""
+    batch, heads, length, dim = k.shape
+    kb = -(-length // block)
+    tail = kb * block - length
+
+    def blocks(fill: float) -> Tensor:  # [B, H, Kb, block, D]: padded keys and the short last block's tail = fill
+        x = k if real is None else torch.where(real[:, None, :, None], k, fill)
+        if tail:  # the neutral element of the reduction, so the short last block is exact
+            x = torch.nn.functional.pad(x, (0, 0, 0, tail), value=fill)
+        return x.reshape(batch, heads, kb, block, dim)
+
+    levels = _table_levels(widest, kb)
+    table = torch.empty(batch, heads, levels, kb, 2 * dim, dtype=torch.float32, device=k.device)
     base = table[:, :, 0]
-    base[..., :dim].copy_(kmax)
-    torch.neg(kmin, out=base[..., dim:])
-    if real is not None:  # blocks made only of padding: -inf (both halves)
-        base.nan_to_num_(neginf=-3e38)
+    # reduced in k's dtype (exact), converted to float32 on the way into the table; one masked copy of k at a time
+    base[..., :dim].copy_(blocks(float("-inf")).amax(3))
+    neg_one = shape_constant(("hip_neg_one", device_key(k.device)), lambda: torch.tensor([-1.0], device=k.device))
+    torch.mul(blocks(float("inf")).amin(3), neg_one, out=base[..., dim:])
     for j in range(1, levels):
         half, valid = 1 << (j - 1), kb - (1 << j) + 1
         torch.maximum(table[:, :, j - 1, :valid], table[:, :, j - 1, half:half + valid], out=table[:, :, j, :valid])
     return table
+
+
+def _table_levels(widest: int, kb: int) -> int:
+    """Levels of :func:`bound_table` for ranges of up to ``widest`` blocks: ``2^(J-1) <= widest < 2^J``."""
+    return max(1, min(widest, kb)).bit_length()
 
 
 def node_bounds(table: Tensor, nodes: Tensor) -> Tensor:
