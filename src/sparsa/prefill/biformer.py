@@ -56,7 +56,7 @@ from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern, causal_block_mask, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
-from .estimate import block_bounds, sample_rows
+from .estimate import sampled_bounds
 
 
 def block_means(x: Tensor, block: int) -> Tensor:
@@ -161,37 +161,9 @@ class BiFormer(Selector):
     def _bound_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         """``[B, Hkv, Qb, Kb]``: per query block, the max over its sampled queries (all heads of the KV group) of
         each key block's Quest bound; key blocks made only of padding, and padded sampled queries, score -inf."""
-        batch, hq, lq, dim = q.shape
-        hkv, lk, bs = k.shape[1], k.shape[2], self.block
         real = None if key_padding_mask is None else key_padding_mask.to(device=k.device, dtype=torch.bool)
-        kmax, kmin = block_bounds(k, bs, real)  # [B, Hkv, Kb, D]
-        dead = torch.isinf(kmax[..., 0])  # [B, Hkv, Kb] blocks without a real key
-        # relu(q) . kmax + min(q, 0) . kmin as one matmul over a doubled head dim; bf16 on the GPU (scores are
-        # only ranked), the infinities of dead blocks zeroed first (they are masked below)
-        dtype = q.dtype if q.is_cuda else torch.float32
-        keys = torch.cat((kmax, kmin), -1).masked_fill(dead[..., None], 0).to(dtype).transpose(-1, -2)
-        rows = sample_rows(lq, bs, self.query_samples, q.device)  # [Qb, S]
-        qb, samples = rows.shape
-        group = hq // hkv
-        qs = q.index_select(2, rows.flatten()).to(dtype).view(batch, hkv, group, qb, samples, dim)
-        qs = qs.transpose(2, 3).reshape(batch, hkv, qb, group * samples, dim)
-        qs = torch.cat((qs.clamp(min=0), qs.clamp(max=0)), -1)
-        q_dead = None
-        if real is not None:  # padded sampled queries do not score
-            q_dead = ~real[:, lk - lq:].index_select(1, rows.flatten()).view(batch, 1, qb, 1, samples)
-        # chunks of query blocks: the [.., rows, Kb] scores before the max stay below ~2^26 elements
-        chunk = max(1, (1 << 26) // max(1, batch * hkv * group * samples * kmax.shape[2]))
-        parts = []
-        for start in range(0, qb, chunk):
-            part = qs[:, :, start:start + chunk]
-            n = part.shape[2]
-            scores = (part.reshape(batch, hkv, n * group * samples, 2 * dim) @ keys).view(
-                batch, hkv, n, group, samples, -1)
-            if q_dead is not None:
-                scores = scores.masked_fill(q_dead[:, :, start:start + n, :, :, None], float("-inf"))
-            parts.append(scores.amax((3, 4)).float())
-        scores = parts[0] if len(parts) == 1 else torch.cat(parts, 2)
-        return scores.masked_fill(dead[:, :, None, :], float("-inf"))
+        return sampled_bounds(q, k, self.block, self.query_samples, key_real=real,
+                              query_real=None if real is None else real[:, k.shape[2] - q.shape[2]:])
 
     def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         scores = self.routing_scores(q, k, key_padding_mask)

@@ -152,3 +152,57 @@ def bound_scores(q: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
     pos = q.clamp(min=0) @ kmax.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
     neg = q.clamp(max=0) @ kmin.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
     return pos + neg
+
+
+def sampled_bounds(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Tensor | None = None,
+                   query_real: Tensor | None = None, per_head: bool = False, pieces: int = 1,
+                   max_elements: int = 1 << 26) -> Tensor:
+    """Quest bounds of key blocks against sampled queries, reduced per query block.
+
+    ``q [B, Hq, Lq, D]`` (the last ``Lq`` positions), ``k [B, Hkv, Lk, D]``. Each query block is represented by
+    ``samples`` of its queries (:func:`sample_rows`); each run of ``block`` keys by its elementwise max / min
+    (:func:`block_bounds`). Returns float32 ``[B, Hkv, Qb, nb // pieces]`` (``per_head``: ``[B, Hq, ...]``): the
+    max over the samples (and over the query heads of a KV group unless ``per_head``) of the bound, then over
+    runs of ``pieces`` consecutive key blocks (``nb`` must be a multiple of ``pieces``).
+
+    ``key_real [B, Lk]`` / ``query_real [B, Lq]`` (True = real token): padded keys take no part, a key block of
+    padding only scores -inf, and padded sampled queries do not score. The bound is
+    ``relu(q) . kmax + min(q, 0) . kmin``: one matmul over a doubled head dim, in q's dtype on the GPU (the
+    scores are only ranked) and float32 on the CPU, in slices of query blocks of at most ``max_elements``
+    scores, so memory stays linear in length.
+    """
+    batch, hq, lq, dim = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    kmax, kmin = block_bounds(k, block, key_real)  # [B, Hkv, nb, D]
+    nb = kmax.shape[2]
+    dead = torch.isinf(kmax[..., 0]) if key_real is not None else None  # [B, Hkv, nb] blocks without a real key
+    dtype = q.dtype if q.is_cuda else torch.float32
+    keys = torch.cat((kmax, kmin), -1)
+    if dead is not None:  # zeroed so that 0 * inf never happens; masked below
+        keys = keys.masked_fill(dead[..., None], 0)
+        dead = dead[:, :, None, None, None, :]  # [B, Hkv, 1, 1, 1, nb]
+    keys = keys.to(dtype).transpose(-1, -2)  # [B, Hkv, 2D, nb]
+    rows = sample_rows(lq, block, samples, q.device)  # [Qb, S]
+    qb = rows.shape[0]
+    qs = q.index_select(2, rows.flatten()).view(batch, hkv, group, qb, samples, dim)
+    q_dead = None
+    if query_real is not None:  # [B, 1, 1, Qb, S, 1]
+        q_dead = ~query_real.index_select(1, rows.flatten()).view(batch, 1, 1, qb, samples, 1)
+    step = max(1, max_elements // max(1, batch * hq * samples * max(nb, 2 * dim)))
+    parts = []
+    for start in range(0, qb, step):
+        part = qs[:, :, :, start:start + step].to(dtype)
+        n = part.shape[3]
+        part = torch.cat((part.clamp(min=0), part.clamp(max=0)), -1)  # [B, Hkv, G, n, S, 2D]
+        scores = (part.reshape(batch, hkv, group * n * samples, 2 * dim) @ keys).view(batch, hkv, group, n,
+                                                                                       samples, nb)
+        if dead is not None:
+            scores = scores.masked_fill(dead, float("-inf"))
+        if pieces > 1:
+            scores = scores.view(batch, hkv, group, n, samples, nb // pieces, pieces).amax(-1)
+        if q_dead is not None:
+            scores = scores.masked_fill(q_dead[:, :, :, start:start + n], float("-inf"))
+        parts.append((scores.amax(4) if per_head else scores.amax((2, 4))).float())
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, -2)  # [B, Hkv, (G,) Qb, nb // pieces]
+    return out.reshape(batch, hq, qb, -1) if per_head else out

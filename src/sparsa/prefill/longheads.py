@@ -79,7 +79,7 @@ from .._shapes import device_key, shape_constant
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
-from .estimate import block_bounds, sample_rows
+from .estimate import sample_rows, sampled_bounds
 
 SCORINGS = ("pooled", "bound")
 
@@ -241,45 +241,12 @@ class LongHeads(Selector):
         padding takes no part in its chunk's max (a chunk of padding only scores ``-inf``) and padded sampled
         queries do not score.
         """
-        batch, hq, lq, dim = q.shape
-        hkv, lk = k.shape[1], k.shape[2]
-        w, bs, samples = self.window_size, self.block, self.query_samples
-        per, group = w // bs, hq // hkv
-        nb = n_chunks * per  # whole chunks only, as the pooled scoring
+        w = self.window_size
         real = None if key_padding_mask is None else key_padding_mask.to(device=k.device, dtype=torch.bool)
-        kmax, kmin = block_bounds(k[:, :, : n_chunks * w], bs, None if real is None else real[:, : n_chunks * w])
-        dead = None
-        if real is not None:  # [B, 1, 1, 1, 1, nb]: pieces without a real key
-            dead = ~real[:, : n_chunks * w].view(batch, nb, bs).any(-1)
-            kmax, kmin = kmax.masked_fill(dead[:, None, :, None], 0), kmin.masked_fill(dead[:, None, :, None], 0)
-            dead = dead[:, None, None, None, None, :]
-        # relu(q) . kmax + min(q, 0) . kmin as one matmul over a doubled head dim; bf16 on the GPU (the scores are
-        # only ranked), float32 on the CPU
-        dtype = q.dtype if q.is_cuda else torch.float32
-        keys = torch.cat((kmax, kmin), -1).to(dtype).transpose(-1, -2)  # [B, Hkv, 2D, nb]
-        rows = sample_rows(lq, bs, samples, q.device)  # [Qb, S]
-        qb = rows.shape[0]
-        qs = q.index_select(2, rows.flatten()).view(batch, hkv, group, qb, samples, dim)
-        q_dead = None
-        if real is not None:  # [B, 1, 1, Qb, S, 1]: padded sampled queries do not score
-            q_dead = ~real[:, lk - lq:].index_select(1, rows.flatten()).view(batch, 1, 1, qb, samples, 1)
-        # slices of query blocks: the [.., S, nb] bounds (and the [.., S, 2D] queries) stay below ~2^26 elements
-        step = max(1, _BOUND_SLICE_ELEMENTS // max(1, batch * hq * samples * max(nb, 2 * dim)))
-        parts = []
-        for start in range(0, qb, step):
-            part = qs[:, :, :, start:start + step].to(dtype)
-            part = torch.cat((part.clamp(min=0), part.clamp(max=0)), -1)  # [B, Hkv, G, n, S, 2D]
-            n = part.shape[3]
-            sc = (part.reshape(batch, hkv, group * n * samples, 2 * dim) @ keys).view(
-                batch, hkv, group, n, samples, nb)
-            if dead is not None:
-                sc.masked_fill_(dead, float("-inf"))
-            sc = sc.view(batch, hkv, group, n, samples, n_chunks, per).amax(-1)  # [B, Hkv, G, n, S, C]
-            if q_dead is not None:
-                sc = sc.masked_fill(q_dead[:, :, :, start:start + n], float("-inf"))
-            parts.append(sc.amax(-2).float())
-        best = parts[0] if len(parts) == 1 else torch.cat(parts, 3)
-        return best.reshape(batch, hq, qb, n_chunks)
+        return sampled_bounds(q, k[:, :, : n_chunks * w], self.block, self.query_samples,  # whole chunks only
+                              key_real=None if real is None else real[:, : n_chunks * w],
+                              query_real=None if real is None else real[:, k.shape[2] - q.shape[2]:],
+                              per_head=True, pieces=w // self.block, max_elements=_BOUND_SLICE_ELEMENTS)
 
 
 # Largest float32 intermediate of the sample scoring, in bytes: at 128K tokens (32 query heads, 512 chunks) the
