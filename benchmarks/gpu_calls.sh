@@ -18,6 +18,7 @@
 #                                               # rest of the dynamic vt cells (resuming from the -all rows)
 #   bash benchmarks/gpu_calls.sh s5-bound       # next (x2): longheads' bound scoring and a larger hip budget,
 #                                               # accuracy on one GPU, speed on the other
+#   bash benchmarks/gpu_calls.sh train-s5       # next (x2): ref-small stage 5, multi-key with same-length keys
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -201,6 +202,13 @@ case "${1:-}" in
       >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
     wait $BP; tail -30 "$OUT/final.txt"
     ;;
+  train-s5)  # nvidia-h200-x2, about 9.7 minutes, not yet run: ref-small stage 5 on both GPUs. Its evaluation
+              # includes niah_multikey with four same-length keys (stage 4 matched keys by length: 0.25 there)
+    timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage5 \
+      --out /tmp/m/ref-small > "$OUT/small.log" 2>&1
+    grep -v "step=" "$OUT/small.log" | tail -12
+    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
+    ;;
   s5-bound)  # nvidia-h200-x2, about 7 minutes, not yet run. GPU 1: the NIAH family and vt at 8K-32K for the
               # bound-scored candidates (longheads, biformer with sink and local blocks, hip with twice the budget)
               # and biformer's missing vt cells;
@@ -219,6 +227,6 @@ case "${1:-}" in
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
     wait $BP; tail -30 "$OUT/bound.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound" >&2
      exit 2 ;;
 esac

@@ -74,7 +74,7 @@ def test_names():
 def test_unknown_task_and_params():
     with pytest.raises(ValueError, match=r"unknown task 'niah'.*allowed values: \['cwe'"):
         tasks.get("niah")
-    with pytest.raises(ValueError, match=r"unknown parameter 'hay'.*allowed: \['haystack'\]"):
+    with pytest.raises(ValueError, match=r"unknown parameter 'hay'.*allowed: \['haystack', 'same_length_keys'\]"):
         tasks.get("niah_single", hay="noise")
     with pytest.raises(ValueError, match=r"unknown haystack 'essay'.*\['noise', 'prose', 'needle'\]"):
         tasks.get("niah_multikey", haystack="essay")
@@ -385,3 +385,15 @@ def test_fit_window_or_largest(base, step, jitter, length):
     assert text == str(u) and tokens == count(text) <= limit
     # inside the window, or the window holds no unit count and u is the last one that fits
     assert tokens >= floor or count(str(u + 1)) > limit
+
+
+def test_same_length_keys_for_training():
+    """niah_multikey with same_length_keys: every key of a sample has the same length (the reference model
+    matched keys by length); the default draws keys freely, so some samples mix lengths."""
+    free = tasks.get("niah_multikey").generate(30, 1500, 0)
+    same = tasks.get("niah_multikey", same_length_keys=True).generate(30, 1500, 0)
+    assert all(len({len(k) for k in s["keys"]}) == 1 and len(set(s["keys"])) == 4 for s in same)
+    assert any(len({len(k) for k in s["keys"]}) > 1 for s in free)
+    for s in same:
+        assert sum(needle in s["prompt"] for needle in s["needles"]) == 4
+        assert tasks.score(s, " " + s["answers"][0] + ".") == 1.0

@@ -49,6 +49,9 @@ class Niah(Task):
     """One RULER NIAH variant; subclasses fix how many keys, values per key and queried keys there are."""
 
     haystack: str = "noise"
+    #: every key has the same length in characters (training data: ref-small matched keys by their length, a
+    #: shortcut that fails whenever two keys are as long; the RULER task draws keys freely, the default)
+    same_length_keys: bool = False
 
     num_keys: ClassVar[int] = 1
     num_values: ClassVar[int] = 1
@@ -72,8 +75,14 @@ class Niah(Task):
     def make(self, index, length, seed, count, depth):
         rng = sample_rng(self.name, seed, index)
         keys: list[str] = []
+        draws = 0
         while len(keys) < self.num_keys:
             key = key_word(rng)
+            draws += 1
+            if self.same_length_keys and keys and len(key) != len(keys[0]):
+                if draws > 10_000:  # a length with too few keys: start over from a new first key
+                    keys, draws = [], 0
+                continue
             if key not in keys:
                 keys.append(key)
         seen: set[str] = set()
