@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..tasks.words import key_word
 from .tokenizer import byte_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -114,12 +115,18 @@ def copy_list_sample(rng, length):
 
 
 def needle_questions_sample(rng, length):
-    """Needle lines, then several questions in a row, each answered: dense supervision on retrieval."""
+    """Needle lines, then several questions in a row, each answered: dense supervision on retrieval.
+
+    The keys are the evaluation tasks' "adjective-noun" keys, all of one length: a model can then find a needle
+    only by its key's content (ref-small learnt to match keys by their length, which fails whenever two keys
+    are as long; MODEL.md)."""
     keys, segs, lines = [], [], []
     budget = max(length - 40, 60)
-    while sum(len(s) for s in lines) < budget * 0.55:
-        key = f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
-        if key in keys:
+    size, draws = len(key_word(rng)), 0
+    while sum(len(s) for s in lines) < budget * 0.55 and draws < 20_000:  # a rare length may run out of keys
+        key = key_word(rng)
+        draws += 1
+        if len(key) != size or any(key == k for k, _ in keys):
             continue
         value = _number(rng)
         keys.append((key, value))
