@@ -120,8 +120,7 @@ def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Ten
     ``[B, H, nb, D]`` float32 (the last block may be shorter).
 
     ``real [B, L]`` (True = real key): padded keys take no part; a block made only of padding gets
-    ``kmax = -inf`` and ``kmin = +inf``, so :func:`bound_scores` gives it ``-inf`` for any query with a nonzero
-    component (the callers mask such blocks explicitly anyway).
+    ``kmax = -inf`` and ``kmin = +inf`` (callers mask such blocks).
     """
     batch, heads, length, dim = k.shape
     nb = -(-length // block)
@@ -139,25 +138,11 @@ def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Ten
     return kmax, kmin
 
 
-def bound_scores(q: Tensor, kmax: Tensor, kmin: Tensor) -> Tensor:
-    """Quest's upper bound of ``max_j q . k_j`` over the keys of a block (Tang et al., "Quest: Query-Aware
-    Sparsity for Efficient Long-Context LLM Inference", ICML 2024): ``sum_d max(q_d kmax_d, q_d kmin_d)``.
-
-    ``q [..., S, D]``, ``kmax``/``kmin`` ``[..., C, D]`` (float32) -> ``[..., S, C]``. A single key far above its
-    neighbours (a needle) raises its block's bound whatever its position in the block, where a block mean or a
-    representative token dilutes or misses it.
-    """
-    q = q.float()
-    # relu(q) . kmax + min(q, 0) . kmin, with the infinities of dead blocks kept out of 0 * inf = nan
-    pos = q.clamp(min=0) @ kmax.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
-    neg = q.clamp(max=0) @ kmin.nan_to_num(neginf=-3e38, posinf=3e38).transpose(-1, -2)
-    return pos + neg
-
-
 def sampled_bounds(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Tensor | None = None,
                    query_real: Tensor | None = None, per_head: bool = False, pieces: int = 1,
                    max_elements: int = 1 << 26) -> Tensor:
-    """Quest bounds of key blocks against sampled queries, reduced per query block.
+    """Quest bounds of key blocks against sampled queries, reduced per query block (Tang et al., "Quest:
+    Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024).
 
     ``q [B, Hq, Lq, D]`` (the last ``Lq`` positions), ``k [B, Hkv, Lk, D]``. Each query block is represented by
     ``samples`` of its queries (:func:`sample_rows`); each run of ``block`` keys by its elementwise max / min
