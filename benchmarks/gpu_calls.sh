@@ -16,9 +16,15 @@
 #   bash benchmarks/gpu_calls.sh s4-fill        # session 4 (x2): what s4 left undone (its bench cells resume)
 #   bash benchmarks/gpu_calls.sh s4-final       # session 4 (x2): Quest-bound hip/biformer timed and benched, the
 #                                               # rest of the dynamic vt cells (resuming from the -all rows)
-#   bash benchmarks/gpu_calls.sh s5-bound       # next (x2): longheads' bound scoring and a larger hip budget,
+#   bash benchmarks/gpu_calls.sh s5-bound       # not run (s5-bench and s5-speed covered it): longheads' bound scoring,
 #                                               # accuracy on one GPU, speed on the other
-#   bash benchmarks/gpu_calls.sh train-s5       # next (x2): ref-small stage 5, multi-key with same-length keys
+#   bash benchmarks/gpu_calls.sh train-s5       # session 5 (x2): ref-small stage 5, multi-key with same-length keys
+#   bash benchmarks/gpu_calls.sh s5-bench       # session 5 (x2): the stage-5 model's dense, static and dynamic tables
+#   bash benchmarks/gpu_calls.sh s5-speed       # session 5 (x2): GPU 0 the new biformer/longheads defaults timed,
+#                                               # GPU 1 lower budgets for the methods above 25% density
+#   bash benchmarks/gpu_calls.sh s5-profile     # session 5: where biformer's, hip's, longheads' time goes (profile),
+#                                               # then cheaper biformer configurations timed with CUDA graphs
+#   bash benchmarks/gpu_calls.sh s5-b128        # session 5: biformer with 128-token blocks, accuracy and speed
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -227,6 +233,59 @@ case "${1:-}" in
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
     wait $BP; tail -30 "$OUT/bound.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound" >&2
+  s5-bench)  # nvidia-h200-x2, about 9 minutes. GPU 1: the stage-5 model's dense scores to 64K (MODEL.md), the
+              # static table at 4K-32K (issue 3), then half the dynamic methods; GPU 0 the other half (issue 4).
+              # Each GPU writes its own JSONL (bench cells resume per file).
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    T=vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 170 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
+       --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench-1.jsonl" > "$OUT/bench-1.txt" 2>&1
+     timeout -s INT 150 $B --methods "dense;streaming;a_shape;sliding_window" --tasks niah_single,niah_multikey,vt \
+       --lengths 4096,8192,16384,32768 --out "$OUT/bench-1.jsonl" >> "$OUT/bench-1.txt" 2>&1
+     timeout -s INT 220 $B --methods "dense;longheads;biformer;hyper;longheads:scoring=bound;biformer:scoring=bound,sink_blocks=1,local_blocks=2" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-1.jsonl" >> "$OUT/bench-1.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout -s INT 540 $B --methods "dense;vertical_slash;flexprefill;hip;sale;hip:mask_k=1024" \
+      --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-0.jsonl" > "$OUT/bench-0.txt" 2>&1
+    wait $BP; grep -c "" "$OUT/bench-0.jsonl" "$OUT/bench-1.jsonl"; tail -5 "$OUT/bench-0.txt" "$OUT/bench-1.txt"
+    ;;
+  s5-speed)  # nvidia-h200-x2, about 9.5 minutes. GPU 0: biformer (bound, sink and local blocks) and longheads (bound)
+              # at their new defaults against the paper's scoring, eager to 128K with TTFT, then CUDA graphs at 8K-32K.
+              # GPU 1: lower budgets for vertical_slash, flexprefill, sale and hyper (dense rows resume from s5-bench).
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    cp benchmarks/results/2026-11-30-s5-bench-0.jsonl "$OUT/bench-sweep.jsonl"
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 540 $B --methods "dense;vertical_slash:vertical_size=500,slash_size=2048;flexprefill:gamma=0.8;sale:threshold=0.03;hyper:sample_size=128" \
+       --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery --lengths 8192,16384,32768 \
+       --out "$OUT/bench-sweep.jsonl" > "$OUT/sweep.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout 300 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;longheads;biformer;longheads:scoring=pooled;biformer:scoring=mean,sink_blocks=0,local_blocks=0" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout 200 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \
+      --methods "dense;hip+graph;longheads+graph;biformer+graph" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"; grep -c "" "$OUT/prefill.txt"
+    wait $BP; tail -3 "$OUT/sweep.txt"
+    ;;
+  s5-profile)  # one GPU, 74 s (as run: x2 was not lent): where biformer's, hip's and longheads' time goes at 8K and
+                # 32K, then cheaper biformer variants timed with CUDA graphs
+    timeout 150 python benchmarks/profile_select.py --lengths 8192,32768 --methods "biformer;hip;longheads" \
+      > "$OUT/profile.txt" 2>&1; grep "==" "$OUT/profile.txt"
+    timeout 200 python benchmarks/prefill_speed.py --lengths 8192,16384,32768 --ttft "" \
+      --methods "dense;biformer+graph;biformer:query_samples=8+graph;biformer:sink_blocks=0,local_blocks=0+graph;biformer:block=128,topk=8+graph" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; cut -c1-170 "$OUT/prefill.txt"
+    ;;
+  s5-b128)  # one GPU, 88 s + 50 s (two calls as run): biformer with 8 blocks of 128 (bound, sink and local blocks),
+             # its accuracy on the NIAH family and vt (dense rows resume from s5-bench), then eager speed and TTFT
+    cp benchmarks/results/2026-11-30-s5-bench-0.jsonl "$OUT/bench-b128.jsonl"
+    timeout -s INT 240 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 \
+      --no-progress --methods "dense;biformer:block=128,topk=8" --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery \
+      --lengths 8192,16384,32768 --out "$OUT/bench-b128.jsonl" > "$OUT/b128.txt" 2>&1; tail -25 "$OUT/b128.txt"
+    timeout 170 python benchmarks/prefill_speed.py --lengths 32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer:block=128,topk=8" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
+      > "$OUT/prefill.txt"; cut -c1-200 "$OUT/prefill.txt"
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128" >&2
      exit 2 ;;
 esac

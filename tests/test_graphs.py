@@ -287,7 +287,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 # Sparse at 2000 tokens with 64-token blocks (one compiled FlexAttention kernel serves all four).
 GPU_METHODS = {
-    "biformer": dict(topk=8),
+    "biformer": dict(topk=8, block=64),
     "hip": dict(),
     "vertical_slash": dict(vertical_size=256, slash_size=256, local_diagonals=64, block=64),
     "longheads": dict(atten_length=1024, begin_selective_length=512),

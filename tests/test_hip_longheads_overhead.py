@@ -17,7 +17,8 @@ from sparsa.prefill.hip import HiP
 from sparsa.prefill.longheads import LongHeads
 
 # Small LongHeads: 32-token chunks of two 16-token blocks, 4 chunks per query block.
-_SMALL_LH = dict(block=16, window_size=32, atten_length=128, begin_selective_length=100, query_samples=5)
+_SMALL_LH = dict(block=16, window_size=32, atten_length=128, begin_selective_length=100, query_samples=5,
+                 scoring="pooled")  # the reference and the slice counts below are the pooled scoring's
 
 # Views and allocations launch no kernel; a where/masked_fill's Python scalar is wrapped on the host.
 _FREE = {"view", "_unsafe_view", "expand", "slice", "select", "t", "transpose", "permute", "as_strided", "empty",
@@ -65,8 +66,10 @@ BOUND_8K, BOUND_8K_PADDED, BOUND_PER_LEVEL = 60, 85, 12
     (HiP(scoring="centre"), True, 110),
     (HiP(), False, BOUND_8K),
     (HiP(), True, BOUND_8K_PADDED),
-    (LongHeads(), False, 30),
-    (LongHeads(), True, 48),
+    (LongHeads(scoring="pooled"), False, 30),
+    (LongHeads(scoring="pooled"), True, 48),
+    (LongHeads(), False, 30),  # scoring="bound": 27 ops, padded 37
+    (LongHeads(), True, 41),
 ])
 def test_ops_per_call_at_8k(sel, padded, bound):
     ops = _ops_per_call(sel, 8192, padded)

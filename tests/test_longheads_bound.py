@@ -176,10 +176,10 @@ def test_memory_bounded_at_128k():
 
 
 def test_default_and_bad_scoring():
-    assert LongHeads().scoring == "pooled"
+    assert LongHeads().scoring == "bound"
     q, k, _ = random_qkv(1, 4, 2, 640, 640, seed=9)
     params = dict(SMALL, begin_selective_length=64)
-    a = LongHeads(**dict(params, scoring="pooled")).select(q, k)
+    a = LongHeads(**dict(params, scoring="bound")).select(q, k)
     b = LongHeads(**{n: v for n, v in params.items() if n != "scoring"}).select(q, k)
     assert torch.equal(a.kv_indices, b.kv_indices) and torch.equal(a.kv_num_blocks, b.kv_num_blocks)
     with pytest.raises(ValueError, match="scoring.*pooled.*bound"):

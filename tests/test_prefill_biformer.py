@@ -17,6 +17,12 @@ def _qkv(b, hq, hkv, lq, lk, d=16, seed=0):
             torch.randn(b, hkv, lk, d, generator=g))
 
 
+def _routing(**params):
+    """The selector as these routing tests were written for: the paper's mean routing without forced sink and
+    local blocks unless the test asks for them (the defaults are bound scoring, 1 sink and 2 local blocks)."""
+    return BiFormer(**{"scoring": "mean", "sink_blocks": 0, "local_blocks": 0, **params})
+
+
 def _causal(lq, lk):
     return torch.arange(lk)[None, :] <= torch.arange(lq)[:, None] + (lk - lq)
 
@@ -35,7 +41,7 @@ def test_bound_routing_matches_brute_force():
 
     b, hq, hkv, lq, lk, block, topk = 2, 8, 2, 150, 333, 16, 3
     q, k, _ = _qkv(b, hq, hkv, lq, lk, seed=7)
-    sel = BiFormer(topk=topk, block=block, query_samples=4, scoring="bound")
+    sel = _routing(topk=topk, block=block, query_samples=4, scoring="bound")
     got = sel.select(q, k).validate().to_block_mask()
     group, offset = hq // hkv, lk - lq
     rows = sample_rows(lq, block, 4, "cpu")
@@ -71,7 +77,7 @@ def test_bound_routing_finds_a_needle_the_means_miss():
     k[:, :, 6 * block:7 * block] += 0.5 * direction  # a block of mild matches
     last = length // block - 1
     for scoring, want in (("bound", 3), ("mean", 6)):
-        blocks = BiFormer(topk=1, block=block, scoring=scoring).select(q, k).to_block_mask()
+        blocks = _routing(topk=1, block=block, scoring=scoring).select(q, k).to_block_mask()
         picked = blocks[0, :, last, :last].nonzero()[:, 1]
         assert picked.tolist() == [want, want], scoring
 
@@ -80,7 +86,7 @@ def test_bound_routing_finds_a_needle_the_means_miss():
 @pytest.mark.parametrize("b,hq,hkv,lq,lk", [(2, 4, 4, 203, 203), (1, 8, 2, 150, 333), (2, 4, 1, 96, 96)])
 def test_full_topk_equals_dense_causal(b, hq, hkv, lq, lk, scoring):
     q, k, v = _qkv(b, hq, hkv, lq, lk)
-    pattern = BiFormer(topk=100, block=16, scoring=scoring).select(q, k).validate()
+    pattern = _routing(topk=100, block=16, scoring=scoring).select(q, k).validate()
     assert pattern.density() == 1.0
     out = block_sparse_attention(q, k, v, pattern, backend="reference")
     torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
@@ -93,7 +99,7 @@ def test_small_topk_routes_by_pooled_scores(hq, hkv, lq, lk):
     plus its diagonal block; the kernel computes exactly those tiles; the output differs from dense."""
     b, block, topk = 2, 16, 3
     q, k, v = _qkv(b, hq, hkv, lq, lk, seed=1)
-    sel = BiFormer(topk=topk, block=block, scoring="mean")
+    sel = _routing(topk=topk, block=block, scoring="mean")
     pattern = sel.select(q, k).validate()
     assert pattern.heads == hkv and pattern.batch == b
     assert pattern.density() < 0.6
@@ -131,7 +137,7 @@ def test_planted_far_block_is_selected():
     q = 0.3 * q + 6.0 * direction
     keys = slice(far * block, (far + 1) * block)
     k[:, :, keys] = 0.3 * k[:, :, keys] + 6.0 * direction
-    pattern = BiFormer(topk=1, block=block, scoring=scoring).select(q, k)
+    pattern = _routing(topk=1, block=block, scoring=scoring).select(q, k)
     blocks = pattern.to_block_mask()
     assert bool(blocks[:, :, far + 1:, far].all()), "every later query block must read the planted block"
     assert int(blocks[:, :, far + 1:].sum(-1).max()) == 2  # the planted block plus the diagonal
@@ -144,7 +150,8 @@ def test_planted_far_block_is_selected():
 
 def test_selector_parameters_and_registration():
     assert "biformer" in sparsa.methods()["prefill"]
-    assert BiFormer().topk == 16 and BiFormer().block == 64
+    d = BiFormer()
+    assert (d.topk, d.block, d.scoring, d.sink_blocks, d.local_blocks) == (8, 128, "bound", 1, 2)
     with pytest.raises(ValueError, match="topk"):
         BiFormer(topk=0)
     with pytest.raises(ValueError, match="block"):
@@ -172,7 +179,7 @@ def test_ignores_padded_keys(lq, scoring):
     q, k, v = _qkv(2, 8, 2, lq, lk, seed=23)
     pad = torch.ones(2, lk, dtype=torch.bool)
     pad[1, :n_pad] = False
-    sel = BiFormer(topk=4, block=bs, scoring=scoring)
+    sel = _routing(topk=4, block=bs, scoring=scoring)
     pattern = sel.select(q, k, key_padding_mask=pad).validate()
     assert pattern.batch == 2 and pattern.heads == 2
     rows = torch.arange(-(-lq // bs)) * bs + (lk - lq) >= n_pad  # real query blocks whose diagonal is real
@@ -271,8 +278,8 @@ def test_sink_and_local_blocks_come_on_top_of_the_routed_ones(scoring):
     """sink_blocks / local_blocks are always computed and do not use the topk budget; GQA, Lq < Lk, batch 2."""
     b, hq, hkv, lq, lk, block, topk = 2, 8, 2, 300, 517, 16, 3
     q, k, v = _qkv(b, hq, hkv, lq, lk, seed=4)
-    plain = BiFormer(topk=topk, block=block, scoring=scoring).select(q, k).to_block_mask()
-    sel = BiFormer(topk=topk, block=block, scoring=scoring, sink_blocks=1, local_blocks=2)
+    plain = _routing(topk=topk, block=block, scoring=scoring).select(q, k).to_block_mask()
+    sel = _routing(topk=topk, block=block, scoring=scoring, sink_blocks=1, local_blocks=2)
     pattern = sel.select(q, k).validate()
     blocks = pattern.to_block_mask()
     offset = lk - lq
@@ -290,4 +297,4 @@ def test_sink_and_local_blocks_come_on_top_of_the_routed_ones(scoring):
     mask = token_mask_of(pattern, b, hq, hkv, causal=True)
     torch.testing.assert_close(out.double(), dense_attention(q, k, v, mask)[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="local_blocks"):
-        BiFormer(local_blocks=-1)
+        _routing(local_blocks=-1)

@@ -10,22 +10,29 @@ Two forms:
 - :class:`BiFormer` (``"biformer"``): a causal 1-D prefill selector for language models. Regions are blocks of
   ``block`` consecutive tokens (query blocks on the query side, key blocks on the key side); each query block
   keeps its ``topk`` best causally visible key blocks, plus its diagonal block so that no query is left without
-  a key. Default ``topk=16`` blocks of ``block=64`` tokens (1K keys per query beyond the diagonal): the paper's
-  main stage (stage 3, most of the layers) routes to 16 regions, and 64-token blocks are the smallest tiles the
-  GPU kernel runs at full speed.
+  a key. Default ``topk=8`` blocks of ``block=128`` tokens: the paper's main stage (stage 3, most of the
+  layers) routes to 16 regions, and 8 blocks of 128 tokens keep the same 1K routed keys per query. Why not 16
+  of 64: FlexAttention's kernel runs 64-token sparse blocks at about half its dense efficiency on the H200 (a
+  profile at 8K: 0.81 ms of attention at density 0.28 against 1.49 ms dense), and 128-token blocks made the
+  whole call 1.2-1.6x faster at the same accuracy (BENCHMARKS.md, session 5).
 - :func:`biformer_attention_2d`: the paper's non-causal 2-D form on a row-major ``height x width`` token grid,
   ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
 
-Scoring of the 1-D selector (``scoring``): ``"mean"`` (the default) is the paper's routing above. ``"bound"``
+Scoring of the 1-D selector (``scoring``): ``"mean"`` is the paper's routing above. ``"bound"`` (the default)
 keeps BiFormer's structure (per query block, top-k key blocks plus the diagonal) but scores a pair of blocks
 with Quest's upper bound (Tang et al., ICML 2024): each key block is summarised by the elementwise max and min
 of its keys, and a query block by ``query_samples`` of its queries (every query head of the KV group, max over
 them). A single key that one query needs (a variable's definition) raises its block's bound, where the two
-block means dilute it 64-fold on each side. Measured on ref-small (H200, 20 samples per cell, 8K-32K; BENCHMARKS.md,
-session 4), at the same density: variable tracking kept 88-97% of dense with the bound against 61% (8K) with the
-means, but the NIAH tasks kept 92.8% against 98.3%, and the estimate cost more (32K: 4.8x SDPA flash against
-6.1x). Neither is better everywhere, so the paper's routing stays the default. The bound is only as tight as
-the keys are concentrated: for keys of large isotropic noise every block's bound is alike. The cost is a matmul
+block means dilute it ``block``-fold on each side. The defaults also compute ``sink_blocks=1`` first and
+``local_blocks=2`` preceding key blocks outside the routed budget: a causal language model's attention sink and
+local context, which an image model's routing never needed. Measured on ref-small (H200, the NIAH family and
+variable tracking at 8K-32K, 20 samples per cell, the same samples as dense; BENCHMARKS.md, session 5), with 16
+blocks of 64 tokens: bound scoring with the sink and local blocks kept 100.4% of dense at density 0.074 at 32K;
+the paper's routing (``scoring="mean", sink_blocks=0, local_blocks=0``) kept 89.9% at 0.062 (vt: 0.76 / 0.69 /
+0.26 of dense at 8K / 16K / 32K). The defaults (8 blocks of 128) kept 100.3% at 0.084. The bound costs more to
+estimate than the means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win back.
+The bound is only as tight as the keys are concentrated: for keys of large isotropic noise every block's bound
+is alike. The cost is a matmul
 over the doubled head dim of the sampled queries (bf16 on the GPU), chunked over query blocks so that memory
 stays linear in length.
 
@@ -109,25 +116,26 @@ def group_mean(x: Tensor, num_kv_heads: int) -> Tensor:
 @register("prefill", "biformer")
 @dataclass
 class BiFormer(Selector):
-    """Causal 1-D bi-level routing: per query block and KV head, the ``topk`` key blocks with the highest
-    ``mean(q) . mean(k)`` (plus the diagonal block)."""
+    """Causal 1-D bi-level routing: per query block and KV head, the ``topk`` best-scoring key blocks (plus the
+    diagonal block and the forced sink and local blocks); ``scoring="mean", sink_blocks=0, local_blocks=0`` is the
+    paper's ``mean(q) . mean(k)`` routing."""
 
-    topk: int = 16
-    block: int = 64
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.60x at 8K, 3.63x at 32K; BENCHMARKS.md, session 3).
+    topk: int = 8
+    block: int = 128
+    # Dense SDPA below this key length. Eager, estimation included, against SDPA flash on the H200: 0.6x at
+    # 8K, 6.7x at 32K (BENCHMARKS.md, sessions 3 and 5); with ``cuda_graph=True`` 1.6x at 8K, so with graphs
+    # ``dense_below=8192`` pays.
     dense_below: int = 32768
-    #: ``"mean"`` (the paper's mean-pooled block descriptors) or ``"bound"`` (Quest upper bound of each key
-    #: block against sampled queries); see the module docstring
-    scoring: str = "mean"
+    #: ``"bound"`` (Quest upper bound of each key block against sampled queries, the default) or ``"mean"``
+    #: (the paper's mean-pooled block descriptors); see the module docstring
+    scoring: str = "bound"
     #: with ``scoring="bound"``: queries per query block that score it (evenly spaced, the block's last included)
     query_samples: int = 16
     #: key blocks always computed on top of the ``topk`` routed ones: ``sink_blocks`` at the start and
     #: ``local_blocks`` before the diagonal (the paper has neither: 0, 0). Forced blocks are not routed to, so
-    #: they do not use the budget. A CPU study on ref-small found bound routing kept 0.97 of dense on variable
-    #: tracking at 8K without them and 0.99 with ``sink_blocks=1, local_blocks=2`` (not yet measured on the GPU).
-    sink_blocks: int = 0
-    local_blocks: int = 0
+    #: they do not use the budget. The paper has neither (0, 0); see the module docstring for the defaults.
+    sink_blocks: int = 1
+    local_blocks: int = 2
 
     def __post_init__(self):
         super().__post_init__()

@@ -41,9 +41,8 @@ Deviations from the paper, stated plainly:
 
 Chunk scoring (``scoring``):
 
-- ``"pooled"`` (the default): the attention-pooled chunk key above, scored by ``q . chunk_key``. It stays the
-  default, the paper's choice, until ``"bound"`` is measured on the GPU benchmarks.
-- ``"bound"``: a chunk scores the max, over its ``window_size / block`` pieces of ``block`` tokens, of the piece's
+- ``"pooled"`` (the paper's choice): the attention-pooled chunk key above, scored by ``q . chunk_key``.
+- ``"bound"`` (the default): a chunk scores the max, over its ``window_size / block`` pieces of ``block`` tokens, of the piece's
   Quest upper bound (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML
   2024), ``sum_d max(q_d kmax_d, q_d kmin_d)`` with ``kmax`` / ``kmin`` the elementwise max / min of the piece's
   keys; per query head, max over the sampled queries as above. Why: the pooled chunk key leans, by design, away
@@ -52,7 +51,9 @@ Chunk scoring (``scoring``):
   too loose (a needle must beat 255 neighbours' extremes rather than 63). Evidence so far is a CPU study on the
   reference model only (variable tracking, each line needing one earlier ~20-token definition line): at the same
   density, vt rose from 0.82 to 0.98 in a 32K-like setting; on a 32K prompt one bound per 256-token chunk missed
-  552 needed blocks against 4 for the per-block max. Cost: the sampled queries against every piece's
+  552 needed blocks against 4 for the per-block max. On the GPU benchmark (ref-small stage 5, the NIAH family and
+  vt at 8K-32K, 20 samples per cell, same samples and same density 0.23 at 32K; BENCHMARKS.md, session 5) the
+  bound kept 100.2% of dense against 98.1% for the pooled key (vt at 16K: 1.00 against 0.83), so it is the default. Cost: the sampled queries against every piece's
   ``[kmax; kmin]``, one matmul over the doubled head dim ``[relu(q), min(q, 0)] @ [kmax; kmin]`` (bf16 on the GPU,
   float32 on the CPU) in slices of query blocks of at most ~2^26 scores, so memory stays linear in length. It is
   8 times the pooled scoring's arithmetic (``window_size / block`` pieces per chunk, a doubled head dim): about
@@ -99,9 +100,9 @@ class LongHeads(Selector):
     dense_below: int = 32768
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16
-    #: ``"pooled"`` (the paper's attention-pooled chunk key, the default) or ``"bound"`` (the max over the chunk's
-    #: ``block``-sized pieces of their Quest upper bound); see the module docstring
-    scoring: str = "pooled"
+    #: ``"bound"`` (the default: the max over the chunk's ``block``-sized pieces of their Quest upper bound) or
+    #: ``"pooled"`` (the paper's attention-pooled chunk key); see the module docstring
+    scoring: str = "bound"
 
     def __post_init__(self):
         super().__post_init__()
