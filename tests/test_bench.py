@@ -26,6 +26,11 @@ def test_ci_sized_run(tmp_path):
             assert r["fallbacks"] == 0
     # The bundled model retrieves at these lengths with dense attention.
     assert by[("dense", "passkey", 1024)]["score"] == 1.0
+    # ... and the instrument can fail: a 64-token window cannot see the needle, and as the prompt ends where the
+    # answer starts, the sparse prefill (not a dense decode step) must produce the answer's first token. With the
+    # space left to the model, this window kept every needle of the default run (session 5).
+    lost = [by[("streaming:window=64", t, 1024)]["score"] for t in ("passkey", "niah_single")]
+    assert sum(lost) < 1.0, lost
 
 
 def test_resume_after_crash(tmp_path, monkeypatch):

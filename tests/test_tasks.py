@@ -171,7 +171,8 @@ def test_niah_needles(name, haystack):
         assert all(q in question for q in sample["queries"])
         one = n_values * n_queries == 1
         assert prompt.startswith("A special magic number is" if one else "Some special magic numbers are")
-        assert prompt.endswith("mentioned in the provided text " + ("is" if one else "are"))
+        # the answer's leading space is in the prompt: with bytes it is a token of its own (open_answer)
+        assert prompt.endswith("mentioned in the provided text " + ("is " if one else "are "))
 
 
 def _context_fraction(prompt, needle):
@@ -200,7 +201,7 @@ def test_passkey_layout_and_depth():
         key = sample["answers"][0]
         parts = sample["prompt"].split("\n")
         assert len(parts) == 5
-        assert parts[0].startswith("There is an important info hidden") and parts[4].endswith("The pass key is")
+        assert parts[0].startswith("There is an important info hidden") and parts[4].endswith("The pass key is ")
         assert parts[2] == f"The pass key is {key}. Remember it. {key} is the pass key."
         assert 1 <= int(key) <= 50000
         prefix, suffix = len(parts[1]), len(parts[3])
@@ -397,3 +398,49 @@ def test_same_length_keys_for_training():
     for s in same:
         assert sum(needle in s["prompt"] for needle in s["needles"]) == 4
         assert tasks.score(s, " " + s["answers"][0] + ".") == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ open_answer
+class _Tok:
+    """A stand-in tokenizer: ``merge=True`` joins a space with the next character (GPT-style BPE), else every
+    character is a token (bytes, or SentencePiece splitting digits)."""
+
+    def __init__(self, merge):
+        self.merge = merge
+
+    def encode(self, text, add_special_tokens=False):
+        out, i = [], 0
+        while i < len(text):
+            if self.merge and text[i] == " " and i + 1 < len(text):
+                out.append(text[i:i + 2])
+                i += 2
+            else:
+                out.append(text[i])
+                i += 1
+        return out
+
+
+@pytest.mark.parametrize("name", ["passkey", "niah_single", "niah_multikey", "cwe", "fwe"])
+def test_prompt_ends_where_the_answer_starts(name):
+    """Byte-level tokens: the completion's leading space ends the prompt, so the first generated token is the
+    answer's (computed by the prefill's last position, not by a decode step); the total length is unchanged."""
+    from sparsa.tasks import open_answer
+
+    sample = tasks.get(name).generate(1, 2048, 3)[0]
+    assert sample["prompt"].endswith(" ") and not sample["prompt"].endswith("  ")
+    assert sample["n_tokens"] == len(sample["prompt"].encode())
+    before = dict(sample, prompt=sample["prompt"][:-1], n_tokens=sample["n_tokens"] - 1,
+                  max_new_tokens=sample["max_new_tokens"] + 1)
+    assert open_answer(dict(before)) == sample
+
+
+def test_open_answer_follows_the_tokenizer():
+    from sparsa.tasks import open_answer
+
+    base = {"prompt": "The pass key is", "answers": ["123"], "n_tokens": 15, "max_new_tokens": 10}
+    split = open_answer(dict(base), _Tok(merge=False))
+    assert (split["prompt"], split["n_tokens"], split["max_new_tokens"]) == ("The pass key is ", 16, 9)
+    assert open_answer(dict(base), _Tok(merge=True)) == base  # " 1" is one token: RULER's prompt stays
+    assert open_answer(dict(base, prompt="they are: ")) == dict(base, prompt="they are: ")  # vt ends with a space
+    assert tasks.get("vt").generate(1, 2048, 3)[0]["prompt"].endswith(": ")
+    assert not tasks.get("vt").generate(1, 2048, 3)[0]["prompt"].endswith("  ")

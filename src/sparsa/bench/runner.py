@@ -131,7 +131,8 @@ class Cell:
     method: MethodSpec
 
     def key(self, model: str, n: int, seed: int) -> str:
-        text = json.dumps([model, self.method.label, self.method.config, self.task, self.length, self.depth, n, seed])
+        text = json.dumps([model, self.method.label, self.method.config, self.task, self.length, self.depth, n, seed,
+                           task_lib.FORMAT])
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 

@@ -122,9 +122,10 @@ class BiFormer(Selector):
 
     topk: int = 8
     block: int = 128
-    # Dense SDPA below this key length. Eager, estimation included, against SDPA flash on the H200: 0.6x at
-    # 8K, 6.7x at 32K (BENCHMARKS.md, sessions 3 and 5); with ``cuda_graph=True`` 1.6x at 8K, so with graphs
-    # ``dense_below=8192`` pays.
+    # Dense SDPA below this key length, which beats torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200).
+    # Estimation included, against SDPA flash: eager 0.6x at 8K, 6.7x at 32K; with ``cuda_graph=True`` 1.6x
+    # at 8K (0.8x cuDNN) and 3.3x at 16K (1.9x cuDNN), so with graphs ``dense_below=16384`` pays
+    # (BENCHMARKS.md, sessions 3 and 5).
     dense_below: int = 32768
     #: ``"bound"`` (Quest upper bound of each key block against sampled queries, the default) or ``"mean"``
     #: (the paper's mean-pooled block descriptors); see the module docstring

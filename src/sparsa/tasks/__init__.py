@@ -10,7 +10,9 @@ Tasks: ``passkey`` (Landmark Attention: Mohtashami & Jaggi 2023); RULER's ``niah
 ``mqar`` (Zoology: Arora et al. 2023; token ids, scored with ``score_ids``); ``perplexity`` (held-out prose,
 loss computed by the runner). Every sample has ``task, params, index, seed, length, n_tokens, depth, prompt,
 answers, max_new_tokens``; ``prompt`` ends with the answer prefix and ``n_tokens`` counts it without special
-tokens, and ``n_tokens + max_new_tokens`` lies in [0.98 * length, length].
+tokens, and ``n_tokens + max_new_tokens`` lies in [0.98 * length, length]. Where the tokenizer makes the
+answer's leading space a token of its own (byte-level, digit-splitting SentencePiece), the prompt ends with
+that space, so the prefill's last position produces the answer's first content token (``open_answer``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import difflib
 import json
 import os
 
-from .base import TOLERANCE, LengthError, Task, stable_int, string_match_all
+from .base import TOLERANCE, LengthError, Task, open_answer, stable_int, string_match_all
 from .cwe import CommonWords
 from .fwe import FrequentWords
 from .mqar import MQAR, score_ids
@@ -28,6 +30,10 @@ from .niah import NiahMultikey, NiahMultiquery, NiahMultivalue, NiahSingle
 from .passkey import Passkey
 from .perplexity import HELDOUT_SEED_BASE, Perplexity
 from .vt import VariableTracking
+
+# Bumped when the same (task, parameters, seed, length) makes a different prompt, so that `sparsa bench` does not
+# resume results measured on the old prompts. 2: the answer's leading space moved into the prompt (open_answer).
+FORMAT = 2
 
 _TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (
     Passkey, NiahSingle, NiahMultikey, NiahMultivalue, NiahMultiquery, VariableTracking, CommonWords,
@@ -99,4 +105,4 @@ def load_jsonl(path) -> list[dict]:
 
 
 __all__ = ["Task", "LengthError", "TOLERANCE", "HELDOUT_SEED_BASE", "names", "get", "task_of", "score",
-           "score_ids", "grid", "cell_seed", "save_jsonl", "load_jsonl", "string_match_all"]
+           "score_ids", "grid", "cell_seed", "save_jsonl", "load_jsonl", "string_match_all", "open_answer", "FORMAT"]
