@@ -25,6 +25,9 @@
 #   bash benchmarks/gpu_calls.sh s5-profile     # session 5: where biformer's, hip's, longheads' time goes (profile),
 #                                               # then cheaper biformer configurations timed with CUDA graphs
 #   bash benchmarks/gpu_calls.sh s5-b128        # session 5: biformer with 128-token blocks, accuracy and speed
+#   bash benchmarks/gpu_calls.sh s6-bench       # next (x2): every table again on the fixed prompts (task format 2)
+#   bash benchmarks/gpu_calls.sh s6-speed       # next: hip and longheads with 128-token blocks timed
+#   bash benchmarks/gpu_calls.sh train-s6       # next (x2), if the budget allows: ref-small stage 6, 4K -> 32K
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -286,6 +289,38 @@ case "${1:-}" in
       --methods "dense;biformer:block=128,topk=8" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
       > "$OUT/prefill.txt"; cut -c1-200 "$OUT/prefill.txt"
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128" >&2
+  s6-bench)  # nvidia-h200-x2, about 9 minutes, not yet run. The prompts changed (the answer's leading space is in
+              # the prompt; task format 2), so nothing resumes. GPU 1: dense to 64K (MODEL.md), the static table (issue
+              # 3), then biformer, hip and longheads; GPU 0: the other dynamic methods and 128-token-block candidates.
+    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+    T=vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 170 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
+       --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench-1.jsonl" > "$OUT/bench-1.txt" 2>&1
+     timeout -s INT 150 $B --methods "dense;streaming;a_shape;sliding_window" --tasks niah_single,niah_multikey,vt \
+       --lengths 4096,8192,16384,32768 --out "$OUT/bench-1.jsonl" >> "$OUT/bench-1.txt" 2>&1
+     timeout -s INT 220 $B --methods "dense;biformer;hip;longheads" --tasks $T --lengths 8192,16384,32768 \
+       --out "$OUT/bench-1.jsonl" >> "$OUT/bench-1.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout -s INT 540 $B --methods "dense;vertical_slash;flexprefill;sale;hyper;hip:block=128;longheads:block=128" \
+      --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-0.jsonl" > "$OUT/bench-0.txt" 2>&1
+    wait $BP; grep -c "" "$OUT/bench-0.jsonl" "$OUT/bench-1.jsonl"; tail -n 12 "$OUT/bench-0.txt" "$OUT/bench-1.txt"
+    ;;
+  s6-speed)  # one GPU, about 3 minutes, not yet run: hip and longheads with 128-token blocks against their defaults
+    timeout 280 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 131072 \
+      --methods "dense;hip;hip:block=128;longheads;longheads:block=128" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning > "$OUT/prefill.txt"
+    timeout 150 python benchmarks/prefill_speed.py --lengths 8192,16384 --ttft "" \
+      --methods "dense;biformer+graph;hip:block=128+graph;longheads:block=128+graph" --jsonl "$OUT/prefill_speed.jsonl" \
+      2>&1 | grep -v Warning >> "$OUT/prefill.txt"; cut -c1-200 "$OUT/prefill.txt"
+    ;;
+  train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
+              # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
+    timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
+      --out /tmp/m/ref-small > "$OUT/small.log" 2>&1
+    grep -v "step=" "$OUT/small.log" | tail -12
+    (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
+    ;;
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6" >&2
      exit 2 ;;
 esac
