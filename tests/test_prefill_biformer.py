@@ -82,6 +82,20 @@ def test_bound_routing_finds_a_needle_the_means_miss():
         assert picked.tolist() == [want, want], scoring
 
 
+def test_defaults_with_full_budget_equal_dense_and_small_budget_differs():
+    """The defaults (bound routing, sink and local blocks, 128-token blocks): a budget covering every block is
+    dense causal attention; one routed block is not. GQA, batch 2, Lq < Lk, lengths off the block grid."""
+    q, k, v = _qkv(2, 8, 2, 700, 1100, seed=3)
+    full = BiFormer(topk=100).select(q, k).validate()
+    assert full.density() == 1.0
+    out = block_sparse_attention(q, k, v, full, backend="reference")
+    torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
+    small = BiFormer(topk=1).select(q, k).validate()
+    assert small.density() < 0.8
+    sparse = block_sparse_attention(q, k, v, small, backend="reference")
+    assert float((sparse.double() - _dense(q, k, v)).norm() / _dense(q, k, v).norm()) > 1e-3
+
+
 @pytest.mark.parametrize("scoring", ["mean", "bound"])
 @pytest.mark.parametrize("b,hq,hkv,lq,lk", [(2, 4, 4, 203, 203), (1, 8, 2, 150, 333), (2, 4, 1, 96, 96)])
 def test_full_topk_equals_dense_causal(b, hq, hkv, lq, lk, scoring):
