@@ -120,7 +120,9 @@ def _hip_reference(sel, q, k, real):
         for h in range(hkv):
             for r, row in enumerate(rows):
                 last = (min((r + 1) * bs, lq) - 1 + off) // bs
-                local_lo = max(last - win, 0)
+                # last_window: the last row's window takes one more block when its last query ends no key block
+                extra = sel.last_window and win > 0 and r == len(rows) - 1 and lk % bs != 0
+                local_lo = max(last - win - extra, 0)
                 n = max(local_lo, n_sink) - n_sink
                 nodes = [(n_sink + n * j // topk, n_sink + n * (j + 1) // topk) for j in range(topk)]
                 queries = q[b, h * group:(h + 1) * group, row].float()  # [G, S, D]

@@ -166,3 +166,29 @@ def test_through_hugging_face_with_left_padding():
         full = ours(ids, attention_mask=mask).logits
         want = ref(ids, attention_mask=mask).logits
     assert (full - want)[mask.bool()].abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("lq,lk", [(323, 323), (100, 323), (320, 320)])
+def test_last_window_covers_the_short_last_block(lq, lk):
+    """``last_window``: when the sequence's last query is not the last token of its key block, the last query block
+    keeps one more window block (the block just outside ``sliding_window`` there); every other row, and every row
+    of a length that is a multiple of ``block``, keeps its pattern."""
+    bs, win = 16, 2
+    q, k, _ = _qkv(2, 4, 2, lq, lk, seed=21)
+    on = HiP(block=bs, mask_k=32, sliding_window=win * bs, sink=4).select(q, k).to_block_mask()
+    off = HiP(block=bs, mask_k=32, sliding_window=win * bs, sink=4, last_window=False).select(q, k).to_block_mask()
+    assert torch.equal(on[:, :, :-1], off[:, :, :-1])
+    last = (lk - 1) // bs
+    if lk % bs == 0:
+        assert torch.equal(on, off)
+    else:
+        assert on[:, :, -1, last - win - 1].all()  # forced: never left to the search
+        assert on[:, :, -1, last - win:last + 1].all()
+        # the search range shrank by that block: the row holds one block more than the search's top-k, or as many
+        grown = on[:, :, -1].sum(-1) - off[:, :, -1].sum(-1)
+        assert ((grown == 0) | (grown == 1)).all()
+
+
+def test_last_window_must_be_a_bool():
+    with pytest.raises(ValueError, match="last_window must be a bool"):
+        HiP(last_window=1)

@@ -45,6 +45,17 @@ Defaults: ``mask_k = 512`` keys per query and ``sliding_window = 128`` (HiP v1.0
   it (a superset of every query's token window); ``sink`` tokens become the first ``ceil(sink / block)``
   blocks. Sinks and window are excluded from the search range (as HiP excludes the window), so the searched
   blocks come on top of them; with ``mask_k`` at least the key length the pattern is dense causal.
+- ``last_window`` (default on): the block window leaves the last query of a full block ``ceil(sliding_window /
+  block) * block + block - 1`` tokens back, but the last query of a short last block (a prompt whose length is
+  not a multiple of ``block``) only about ``sliding_window``: the prompt's last token, the one whose output is the
+  first generated token, had a context that depended on the length modulo ``block``. The last query block then
+  gets one more window block. Measured on ref-small (CPU, niah_multikey at 8K, 10 samples): a layer-0 head puts
+  0.97-0.99 of the last query's attention on the first token of the question line, 155-161 tokens back, in the
+  block just before the window of a 1-4 token last block; the Quest bound of that block ranked 25th-62nd of 124
+  (every 64-key block's bound there is about 2.5x its true max, all alike), so neither this tree search nor a
+  flat bound top-k (``biformer`` at 16 blocks of 64) found it, and 3 of 10 answers (0.7) flipped to a
+  distractor's value; with it 1.0 (``sparsa bench``, batch 4), niah_single unchanged at 1.0, density 0.17805 ->
+  0.17817 (one block per layer, KV head and prompt).
 - Query reduction: HiP takes the max over a query block's queries, which its code subsamples with a query
   stride (v1.2's scan stages: 64-query blocks at stride 4, i.e. 16 queries); here the max is over
   ``query_samples = 16`` evenly spaced queries of the block, always including its last query (the one that
@@ -109,6 +120,12 @@ class HiP(Selector):
     #: how a node is scored: ``"bound"``, the Quest upper bound of its keys, or ``"centre"``, its centre token (the
     #: paper's); see the module docstring
     scoring: str = "bound"
+    #: one more window block for the last query block when the sequence's last query is not the last token of its
+    #: key block (a length that is not a multiple of ``block``), so that this query, whose output predicts the first
+    #: generated token, sees at least ``ceil(sliding_window / block) * block + block - 1`` tokens back, as the last
+    #: query of every full block does; without it that query's window shrinks to ``sliding_window`` plus
+    #: ``Lk mod block`` tokens or so. See the module docstring (window granularity) for why it matters
+    last_window: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -117,6 +134,8 @@ class HiP(Selector):
         check_int(self, "sink", minimum=0)
         check_block(self)
         check_samples(self)
+        if not isinstance(self.last_window, bool):
+            raise ValueError(f"{self.name}: last_window must be a bool, got {self.last_window!r}")
         if self.scoring not in SCORINGS:
             raise ValueError(f"{self.name}: scoring must be one of {SCORINGS}, got {self.scoring!r}")
 
@@ -273,7 +292,7 @@ class HiP(Selector):
         ``children [Qb, 2k, 5]`` and ``alive [Qb, 2k]``, those of the initial nodes' children; ``q_pos [Qb, 1, S,
         1]``, the sampled queries' key positions, and ``q_blk``, their key blocks; ``signs``, ``[[1], [-1]]``."""
         key = ("hip_bound", lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, self.query_samples,
-               device_key(device))
+               self.last_window, device_key(device))
         return shape_constant(key, lambda: self._make_bound_layout(lq, lk, device))
 
     def _make_bound_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
@@ -311,7 +330,8 @@ class HiP(Selector):
     def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
         """One of ``_make_layout``'s shape-only tensors; the layout is made once per geometry and device (shared:
         read only)."""
-        key = ("hip", lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, device_key(device))
+        key = ("hip", lq, lk, self.block, self.topk_blocks, self.sliding_window, self.sink, self.last_window,
+               device_key(device))
         return shape_constant(key, lambda: self._make_layout(lq, lk, device))[name]
 
     def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
@@ -321,11 +341,14 @@ class HiP(Selector):
         bs, topk = self.block, self.topk_blocks
         win, n_sink = -(-self.sliding_window // bs), -(-self.sink // bs)
         last = last_visible_block(lq, lk, bs, bs, device)  # [Qb] the diagonal block of each query block
-        local_lo = (last - win).clamp(min=0)  # first local-window block
+        extra = int(self.last_window and win > 0 and lk % bs != 0)  # the last query is not its key block's last
+        wins = torch.full_like(last, win)
+        wins[-1:] += extra
+        local_lo = (last - wins).clamp(min=0)  # first local-window block
         hi0 = local_lo.clamp(min=n_sink)  # search range [n_sink, hi0), empty if none
         cuts = n_sink + ((hi0 - n_sink)[:, None] * torch.arange(topk + 1, device=device)) // topk  # [Qb, k+1]
         sink = torch.arange(n_sink, device=device).expand(len(last), n_sink)
-        local = local_lo[:, None] + torch.arange(win + 1, device=device)
+        local = local_lo[:, None] + torch.arange(win + 1 + extra, device=device)
         return {"nodes": torch.stack((cuts[:, :-1], cuts[:, 1:]), -1),
                 "forced": torch.cat((sink, local), -1),
                 "forced_ok": torch.cat((sink < local_lo[:, None], local <= last[:, None]), -1)}
