@@ -29,7 +29,8 @@ local context, which an image model's routing never needed. Measured on ref-smal
 variable tracking at 8K-32K, 20 samples per cell, the same samples as dense; BENCHMARKS.md, session 5), with 16
 blocks of 64 tokens: bound scoring with the sink and local blocks kept 100.4% of dense at density 0.074 at 32K;
 the paper's routing (``scoring="mean", sink_blocks=0, local_blocks=0``) kept 89.9% at 0.062 (vt: 0.76 / 0.69 /
-0.26 of dense at 8K / 16K / 32K). The defaults (8 blocks of 128) kept 100.3% at 0.084. The bound costs more to
+0.26 of dense at 8K / 16K / 32K). The defaults (8 blocks of 128) kept 100.2% at 0.086 (the NIAH part of
+these is an upper bound: measured before the prompts ended with the answer's leading space). The bound costs more to
 estimate than the means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win back.
 The bound is only as tight as the keys are concentrated: for keys of large isotropic noise every block's bound
 is alike. The cost is a matmul

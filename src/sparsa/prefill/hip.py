@@ -20,10 +20,12 @@ Node scoring (``scoring``):
   only sees it if it happens to be that token (attention locality does not hold for needles). Measured on the
   reference model (ref-small, H200, 20 samples per cell, NIAH family and variable tracking at 8K-32K, same
   density: 0.18 at 8K, 0.05 at 32K; BENCHMARKS.md, session 4): variable tracking kept 96.5% of dense with
-  ``"bound"`` against 67% (8K) with ``"centre"``, the NIAH tasks 98.2% against 97.7%. The price is estimation
-  time: 3.8 ms against about 3 ms per call at 32K tokens (32/8 heads, D = 128). The max / min of any node ``[lo, hi)`` of key blocks
-  comes from a sparse table over the key blocks (level ``j`` holds the max over ``2^j`` consecutive blocks,
-  ``[kmax, -kmin]`` side by side so one max serves both), built once per call with ``O(log Kb)`` tensor ops, as
+  ``"bound"`` against 67% (8K) with ``"centre"``, the NIAH tasks 98.2% against 97.7% (upper bounds, measured
+  before the prompts ended with the answer's leading space; on the CPU with the fixed prompts, multi-key at 8K:
+  0.7 with ``"bound"``, 1.0 with ``last_window`` below, 0.1 with ``"centre"``). The price is estimation time:
+  3.8 ms against about 3 ms per call at 32K tokens (32/8 heads, D = 128). The max / min of any node ``[lo, hi)``
+  of key blocks comes from a sparse table over the key blocks (level ``j`` holds the max over ``2^j`` consecutive
+  blocks, ``[kmax, -kmin]`` side by side so one max serves both), built once per call with ``O(log Kb)`` tensor ops, as
   the max of two overlapping power-of-two windows: one gather per level of the search. The table has
   ``log2`` (largest child, in blocks) + 1 levels of ``[B, Hkv, Kb, 2 D]`` float32 (at 128K tokens, ``block`` 64,
   8 KV heads, D = 128 and the default budget: 8 levels, 134 MB per sequence).

@@ -42,22 +42,25 @@ Deviations from the paper, stated plainly:
 Chunk scoring (``scoring``):
 
 - ``"pooled"`` (the paper's choice): the attention-pooled chunk key above, scored by ``q . chunk_key``.
-- ``"bound"`` (the default): a chunk scores the max, over its ``window_size / block`` pieces of ``block`` tokens, of the piece's
-  Quest upper bound (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML
-  2024), ``sum_d max(q_d kmax_d, q_d kmin_d)`` with ``kmax`` / ``kmin`` the elementwise max / min of the piece's
-  keys; per query head, max over the sampled queries as above. Why: the pooled chunk key leans, by design, away
-  from outlier keys, so a "needle" (a single key that one query needs, e.g. a variable's definition line) is
-  pooled out of its chunk; a bound raises its piece's score wherever it sits. One bound over the whole chunk is
-  too loose (a needle must beat 255 neighbours' extremes rather than 63). Evidence so far is a CPU study on the
-  reference model only (variable tracking, each line needing one earlier ~20-token definition line): at the same
-  density, vt rose from 0.82 to 0.98 in a 32K-like setting; on a 32K prompt one bound per 256-token chunk missed
-  552 needed blocks against 4 for the per-block max. On the GPU benchmark (ref-small stage 5, the NIAH family and
-  vt at 8K-32K, 20 samples per cell, same samples and same density 0.23 at 32K; BENCHMARKS.md, session 5) the
-  bound kept 100.2% of dense against 98.1% for the pooled key (vt at 16K: 1.00 against 0.83), so it is the default. Cost: the sampled queries against every piece's
-  ``[kmax; kmin]``, one matmul over the doubled head dim ``[relu(q), min(q, 0)] @ [kmax; kmin]`` (bf16 on the GPU,
-  float32 on the CPU) in slices of query blocks of at most ~2^26 scores, so memory stays linear in length. It is
-  8 times the pooled scoring's arithmetic (``window_size / block`` pieces per chunk, a doubled head dim): about
-  1.1 TFLOP per layer at 128K tokens (32 query heads, D = 128, 16 samples), quadratic in length; not yet timed.
+- ``"bound"`` (the default): a chunk scores the max, over its ``window_size / block`` pieces of ``block`` tokens, of
+  the piece's Quest upper bound (Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference",
+  ICML 2024), ``sum_d max(q_d kmax_d, q_d kmin_d)`` with ``kmax`` / ``kmin`` the elementwise max / min of the piece's
+  keys; per query head, max over the sampled queries as above. Why: the pooled chunk key leans, by design, away from
+  outlier keys, so a "needle" (a single key that one query needs, e.g. a variable's definition line) is pooled out of
+  its chunk; a bound raises its piece's score wherever it sits. One bound over the whole chunk is too loose (a needle
+  must beat 255 neighbours' extremes rather than 63). Evidence so far is a CPU study on the reference model only
+  (variable tracking, each line needing one earlier ~20-token definition line): at the same density, vt rose from 0.82
+  to 0.98 in a 32K-like setting; on a 32K prompt one bound per 256-token chunk missed 552 needed blocks against 4 for
+  the per-block max. On the GPU benchmark (ref-small stage 5, the NIAH family and vt at 8K-32K, 20 samples per cell,
+  same samples and same density 0.23 at 32K; BENCHMARKS.md, session 5) the bound kept 100.2% of dense against 98.1%
+  for the pooled key (vt at 16K: 1.00 against 0.83; the NIAH part is an upper bound, measured before the prompts
+  ended with the answer's leading space), so it is the default. Cost: the sampled queries against every
+  piece's ``[kmax; kmin]``, one matmul over the doubled head dim ``[relu(q), min(q, 0)] @ [kmax; kmin]`` (bf16 on the
+  GPU, float32 on the CPU) in slices of query blocks of at most ~2^26 scores, so memory stays linear in length. It is
+  8 times the pooled scoring's arithmetic (``window_size / block`` pieces per chunk, a doubled head dim): about 1.1
+  TFLOP per layer at 128K tokens (32 query heads, D = 128, 16 samples), quadratic in length. Timed on the H200
+  (32 / 8 heads, D = 128): 2.9 ms at 32K and 29 ms at 128K, against 1.8 and 11 ms for the pooled key, so
+  longheads ran at 1.85x / 5.7x SDPA flash instead of 2.0x / 7.7x (BENCHMARKS.md, session 5).
 
 Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): the summary query and
 the chunk key use the chunk's real keys only, padded sampled queries do not score, and chunks made only of

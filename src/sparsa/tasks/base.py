@@ -189,9 +189,6 @@ class Task:
 
     name: ClassVar[str] = ""
     has_depth: ClassVar[bool] = True  # False: depth is meaningless and always None
-    #: the completion follows the prompt after a space ("... is" then " 8621753"): ``generate`` moves that space
-    #: into the prompt where the tokenizer makes it a token of its own (:func:`open_answer`)
-    answer_after_space: ClassVar[bool] = True
 
     def params(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,11 +202,10 @@ class Task:
             raise ValueError(f"seed must be an int, got {seed!r}")
         depths = self._check_depths(depths)
         count = token_counter(tokenizer)
-        samples = [self.sample(i, length, seed, count, None if depths is None else depths[i % len(depths)])
-                   for i in range(n)]
-        if self.answer_after_space:
-            samples = [open_answer(s, tokenizer) for s in samples]
-        return samples
+        # a text answer follows the prompt after a space ("... is" then " 8621753"): open_answer moves that space
+        # into the prompt where the tokenizer makes it a token of its own (samples without text answers: no-op)
+        return [open_answer(self.sample(i, length, seed, count, None if depths is None else depths[i % len(depths)]),
+                            tokenizer) for i in range(n)]
 
     def _check_depths(self, depths):
         if depths is None:

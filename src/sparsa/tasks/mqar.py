@@ -25,7 +25,6 @@ class MQAR(Task):
     """``num_kv_pairs`` = None uses T // 16, the ratio of Zoology's standard (64, 4), (128, 8), (256, 16)."""
 
     name = "mqar"
-    answer_after_space = False  # no text completion
     has_depth = False
     vocab_size: int = 8192
     num_kv_pairs: int | None = None

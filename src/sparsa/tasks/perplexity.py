@@ -22,7 +22,6 @@ HELDOUT_SEED_BASE = 1 << 40
 @dataclasses.dataclass(frozen=True)
 class Perplexity(Task):
     name = "perplexity"
-    answer_after_space = False  # no text completion
     has_depth = False
     tail: float = 0.5
 
