@@ -19,23 +19,22 @@ Two forms:
   ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
 
 Scoring of the 1-D selector (``scoring``): ``"mean"`` is the paper's routing above. ``"bound"`` (the default)
-keeps BiFormer's structure (per query block, top-k key blocks plus the diagonal) but scores a pair of blocks
-with Quest's upper bound (Tang et al., ICML 2024): each key block is summarised by the elementwise max and min
-of its keys, and a query block by ``query_samples`` of its queries (every query head of the KV group, max over
-them). A single key that one query needs (a variable's definition) raises its block's bound, where the two
-block means dilute it ``block``-fold on each side. The defaults also compute ``sink_blocks=1`` first and
-``local_blocks=2`` preceding key blocks outside the routed budget: a causal language model's attention sink and
-local context, which an image model's routing never needed. Measured on ref-small (H200, the NIAH family and
-variable tracking at 8K-32K, 20 samples per cell, the same samples as dense; BENCHMARKS.md, session 5), with 16
-blocks of 64 tokens: bound scoring with the sink and local blocks kept 100.4% of dense at density 0.074 at 32K;
-the paper's routing (``scoring="mean", sink_blocks=0, local_blocks=0``) kept 89.9% at 0.062 (vt: 0.76 / 0.69 /
-0.26 of dense at 8K / 16K / 32K). The defaults (8 blocks of 128) kept 100.2% at 0.086 (the NIAH part of
-these is an upper bound: measured before the prompts ended with the answer's leading space). The bound costs more to
-estimate than the means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win back.
-The bound is only as tight as the keys are concentrated: for keys of large isotropic noise every block's bound
-is alike. The cost is a matmul
-over the doubled head dim of the sampled queries (bf16 on the GPU), chunked over query blocks so that memory
-stays linear in length.
+keeps BiFormer's structure (per query block, top-k key blocks plus the diagonal) but scores a pair of blocks with
+Quest's upper bound (Tang et al., ICML 2024): each key block is summarised by the elementwise max and min of its
+keys, and a query block by ``query_samples`` of its queries (every query head of the KV group, max over them). A
+single key that one query needs (a variable's definition) raises its block's bound, where the two block means
+dilute it ``block``-fold on each side. The defaults also compute ``sink_blocks=1`` first and ``local_blocks=2``
+preceding key blocks outside the routed budget: a causal language model's attention sink and local context, which
+an image model's routing never needed. Measured on ref-small (H200, the NIAH family and variable tracking at
+8K-32K, 20 samples per cell, the same samples as dense; BENCHMARKS.md, session 5), with 16 blocks of 64 tokens:
+bound scoring with the sink and local blocks kept 100.4% of dense at density 0.074 at 32K; the paper's routing
+(``scoring="mean", sink_blocks=0, local_blocks=0``) kept 89.9% at 0.062 (vt: 0.76 / 0.69 / 0.26 of dense at 8K /
+16K / 32K). The defaults (8 blocks of 128) kept 100.2% at 0.086 (the NIAH part of these is an upper bound:
+measured before the prompts ended with the answer's leading space). The bound costs more to estimate than the
+means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win back. The bound is only as
+tight as the keys are concentrated: for keys of large isotropic noise every block's bound is alike. The cost is a
+matmul over the doubled head dim of the sampled queries (bf16 on the GPU), chunked over query blocks so that
+memory stays linear in length.
 
 Causality of the 1-D selector: a block descriptor is the mean over the whole block, so the routing of query
 block ``r`` also looks at the later queries of block ``r`` (and the diagonal key block at its later keys). This
@@ -135,7 +134,7 @@ class BiFormer(Selector):
     query_samples: int = 16
     #: key blocks always computed on top of the ``topk`` routed ones: ``sink_blocks`` at the start and
     #: ``local_blocks`` before the diagonal (the paper has neither: 0, 0). Forced blocks are not routed to, so
-    #: they do not use the budget. The paper has neither (0, 0); see the module docstring for the defaults.
+    #: they do not use the budget; see the module docstring for the defaults.
     sink_blocks: int = 1
     local_blocks: int = 2
 
