@@ -33,6 +33,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+# The accuracy benches: ref-small on the GPU, 20 samples per cell; T = the NIAH family and variable tracking.
+B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
+T=vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery
 
 case "${1:-}" in
   train-kernels)  # nvidia-h200-x2: ref-small continues on GPU 1 while GPU 0 runs the kernel checks and timings
@@ -157,7 +160,6 @@ case "${1:-}" in
     ;;
   s4-bench)  # one GPU, about 8 minutes: the stage-4 model's dense scores to 64K (MODEL.md), the static table at
               # 4K-32K (issue 3), every dynamic method at its defaults on the NIAH family and vt at 8K-32K (issue 4)
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     timeout 150 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
       --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench.jsonl" > "$OUT/bench.txt" 2>&1
     timeout 100 $B --methods "dense;streaming;a_shape;sliding_window" --tasks niah_single,niah_multikey,vt \
@@ -174,7 +176,6 @@ case "${1:-}" in
   s4-fill)  # nvidia-h200-x2, about 4 minutes: the kernel and graph tests again (the interpreter switch fixed;
              # SIGINT so a timeout still prints the summary) and dense vt to 64K on GPU 0; on GPU 1 the static table,
              # resuming from s4's bench rows (benchmarks/results/2026-11-29-s4-bench.jsonl)
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     cp benchmarks/results/2026-11-29-s4-bench.jsonl "$OUT/bench-static.jsonl"
     cp benchmarks/results/2026-11-29-s4-bench.jsonl "$OUT/bench-dense.jsonl"
     (export CUDA_VISIBLE_DEVICES=1; timeout -s INT 250 $B --methods "dense;streaming;a_shape;sliding_window" \
@@ -192,7 +193,6 @@ case "${1:-}" in
   s4-final)  # nvidia-h200-x2, about 6 minutes. GPU 0: the kernel, graph and selector tests on CUDA, then hip and
               # biformer with scoring="bound" timed (eager to 128K with TTFT, then CUDA graphs at 8K-32K). GPU 1: the
               # dynamic methods' missing vt cells, then bound hip/biformer on the NIAH family and vt at 8K-32K.
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     cp benchmarks/results/2026-11-29-s4-bench-all.jsonl "$OUT/bench-final.jsonl"
     (export CUDA_VISIBLE_DEVICES=1
      timeout -s INT 150 $B --methods "dense;vertical_slash;flexprefill;longheads;sale;hyper" --tasks vt \
@@ -222,10 +222,9 @@ case "${1:-}" in
               # bound-scored candidates (longheads, biformer with sink and local blocks, hip with twice the budget)
               # and biformer's missing vt cells;
               # GPU 0: their speed to 128K (eager) and at 8K-32K with CUDA graphs.
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     (export CUDA_VISIBLE_DEVICES=1
      timeout -s INT 380 $B --methods "dense;longheads:scoring=bound;hip:mask_k=1024;biformer;biformer:scoring=bound,sink_blocks=1,local_blocks=2" \
-       --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery --lengths 8192,16384,32768 \
+       --tasks $T --lengths 8192,16384,32768 \
        --out "$OUT/bench-bound.jsonl" > "$OUT/bound.txt" 2>&1) & BP=$!
     export CUDA_VISIBLE_DEVICES=0
     timeout 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
@@ -239,8 +238,6 @@ case "${1:-}" in
   s5-bench)  # nvidia-h200-x2, about 9 minutes. GPU 1: the stage-5 model's dense scores to 64K (MODEL.md), the
               # static table at 4K-32K (issue 3), then half the dynamic methods; GPU 0 the other half (issue 4).
               # Each GPU writes its own JSONL (bench cells resume per file).
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
-    T=vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery
     (export CUDA_VISIBLE_DEVICES=1
      timeout -s INT 170 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
        --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench-1.jsonl" > "$OUT/bench-1.txt" 2>&1
@@ -256,11 +253,10 @@ case "${1:-}" in
   s5-speed)  # nvidia-h200-x2, about 9.5 minutes. GPU 0: biformer (bound, sink and local blocks) and longheads (bound)
               # at their new defaults against the paper's scoring, eager to 128K with TTFT, then CUDA graphs at 8K-32K.
               # GPU 1: lower budgets for vertical_slash, flexprefill, sale and hyper (dense rows resume from s5-bench).
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
     cp benchmarks/results/2026-11-30-s5-bench-0.jsonl "$OUT/bench-sweep.jsonl"
     (export CUDA_VISIBLE_DEVICES=1
      timeout -s INT 540 $B --methods "dense;vertical_slash:vertical_size=500,slash_size=2048;flexprefill:gamma=0.8;sale:threshold=0.03;hyper:sample_size=128" \
-       --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery --lengths 8192,16384,32768 \
+       --tasks $T --lengths 8192,16384,32768 \
        --out "$OUT/bench-sweep.jsonl" > "$OUT/sweep.txt" 2>&1) & BP=$!
     export CUDA_VISIBLE_DEVICES=0
     timeout 300 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
@@ -282,9 +278,8 @@ case "${1:-}" in
   s5-b128)  # one GPU, 88 s + 50 s (two calls as run): biformer with 8 blocks of 128 (bound, sink and local blocks),
              # its accuracy on the NIAH family and vt (dense rows resume from s5-bench), then eager speed and TTFT
     cp benchmarks/results/2026-11-30-s5-bench-0.jsonl "$OUT/bench-b128.jsonl"
-    timeout -s INT 240 python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 \
-      --no-progress --methods "dense;biformer:block=128,topk=8" --tasks vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery \
-      --lengths 8192,16384,32768 --out "$OUT/bench-b128.jsonl" > "$OUT/b128.txt" 2>&1; tail -25 "$OUT/b128.txt"
+    timeout -s INT 240 $B --methods "dense;biformer:block=128,topk=8" --tasks $T --lengths 8192,16384,32768 \
+      --out "$OUT/bench-b128.jsonl" > "$OUT/b128.txt" 2>&1; tail -25 "$OUT/b128.txt"
     timeout 170 python benchmarks/prefill_speed.py --lengths 32768,131072 --ttft 65536,131072 \
       --methods "dense;biformer:block=128,topk=8" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
       > "$OUT/prefill.txt"; cut -c1-200 "$OUT/prefill.txt"
@@ -292,8 +287,6 @@ case "${1:-}" in
   s6-bench)  # nvidia-h200-x2, about 9 minutes, not yet run. The prompts changed (the answer's leading space is in
               # the prompt; task format 2), so nothing resumes. GPU 1: dense to 64K (MODEL.md), the static table (issue
               # 3), then biformer, hip and longheads; GPU 0: the other dynamic methods and 128-token-block candidates.
-    B="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 20 --no-progress"
-    T=vt,niah_single,niah_multikey,niah_multivalue,niah_multiquery
     (export CUDA_VISIBLE_DEVICES=1
      timeout -s INT 170 $B --methods dense --tasks passkey,niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt \
        --lengths 4096,8192,16384,32768,65536 --out "$OUT/bench-1.jsonl" > "$OUT/bench-1.txt" 2>&1
