@@ -25,9 +25,11 @@
 #   bash benchmarks/gpu_calls.sh s5-profile     # session 5: where biformer's, hip's, longheads' time goes (profile),
 #                                               # then cheaper biformer configurations timed with CUDA graphs
 #   bash benchmarks/gpu_calls.sh s5-b128        # session 5: biformer with 128-token blocks, accuracy and speed
-#   bash benchmarks/gpu_calls.sh s6-bench       # next (x2): every table again on the fixed prompts (task format 2)
-#   bash benchmarks/gpu_calls.sh s6-speed       # next: hip and longheads with 128-token blocks timed
-#   bash benchmarks/gpu_calls.sh train-s6       # next (x2), if the budget allows: ref-small stage 6, 4K -> 32K
+#   bash benchmarks/gpu_calls.sh s6-bench       # session 6 (x2): every table again on the fixed prompts (task format 2)
+#   bash benchmarks/gpu_calls.sh s6-speed       # session 6: hip and longheads with 128-token blocks timed
+#   bash benchmarks/gpu_calls.sh train-s6       # session 6 (x2): ref-small stage 6, 4K -> 32K
+#   bash benchmarks/gpu_calls.sh s6-final       # session 6 (x2): larger hip / biformer budgets, accuracy and speed
+#   bash benchmarks/gpu_calls.sh s6-defaults    # session 6: the new defaults timed under their plain names
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -307,6 +309,29 @@ case "${1:-}" in
       --methods "dense;biformer+graph;hip:block=128+graph;longheads:block=128+graph" --jsonl "$OUT/prefill_speed.jsonl" \
       2>&1 | grep -v Warning >> "$OUT/prefill.txt"; cut -c1-200 "$OUT/prefill.txt"
     ;;
+  s6-final)  # nvidia-h200-x2, about 7 minutes: larger budgets for hip and biformer (vt at 32K) and 128-token blocks.
+              # GPU 0: accuracy, dense resuming from s6-bench's rows; GPU 1: the same configurations timed.
+    cp benchmarks/results/2026-11-30-s6-bench-0.jsonl "$OUT/bench-2.jsonl"
+    (export CUDA_VISIBLE_DEVICES=1
+     timeout -s INT 250 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 131072 \
+       --methods "dense;hip:block=128,mask_k=1024;hip:block=128,mask_k=2048;biformer:topk=16;longheads:block=128" \
+       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+     timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,16384 --ttft "" \
+       --methods "dense;hip:block=128,mask_k=1024+graph;biformer:topk=16+graph" --jsonl "$OUT/prefill_speed.jsonl" \
+       2>&1 | grep -v Warning >> "$OUT/prefill.txt") & SP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout -s INT 400 $B --methods "dense;hip:block=128,mask_k=1024;biformer:topk=16;hip:block=128,mask_k=2048;biformer:topk=12" \
+      --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-2.jsonl" > "$OUT/bench-2.txt" 2>&1
+    wait $SP; grep -c "" "$OUT/bench-2.jsonl"; tail -n 12 "$OUT/bench-2.txt"; cut -c1-150 "$OUT/prefill.txt" | grep -v "^{'length': [0-9]*, 'method': 'sdpa"
+    ;;
+  s6-defaults)  # one GPU, about 2 minutes: the session-6 defaults (biformer topk 16; hip 128-token blocks, mask_k 2048;
+                 # longheads 128-token blocks) timed under their plain names, eager and with CUDA graphs
+    timeout -s INT 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer;hip;longheads" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,16384 --ttft "" \
+      --methods "dense;biformer+graph;hip+graph;longheads+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning >> "$OUT/prefill.txt"; cut -c1-160 "$OUT/prefill.txt" | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -314,6 +339,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults" >&2
      exit 2 ;;
 esac

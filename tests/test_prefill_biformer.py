@@ -165,7 +165,7 @@ def test_planted_far_block_is_selected():
 def test_selector_parameters_and_registration():
     assert "biformer" in sparsa.methods()["prefill"]
     d = BiFormer()
-    assert (d.topk, d.block, d.scoring, d.sink_blocks, d.local_blocks) == (8, 128, "bound", 1, 2)
+    assert (d.topk, d.block, d.scoring, d.sink_blocks, d.local_blocks) == (16, 128, "bound", 1, 2)
     with pytest.raises(ValueError, match="topk"):
         BiFormer(topk=0)
     with pytest.raises(ValueError, match="block"):

@@ -116,7 +116,7 @@ def test_any_geometry_gives_a_valid_pattern(lq, extra, block, chunks, slots, beg
     (dict(begin_selective_length=-1), "begin_selective_length"),
     (dict(block=100), "block"),
     (dict(query_samples=0), "query_samples"),
-    (dict(query_samples=65), "query_samples"),
+    (dict(block=64, query_samples=65), "query_samples"),
     (dict(dense_below=-1), "dense_below"),
 ])
 def test_bad_parameters(params, field):

@@ -10,11 +10,14 @@ Two forms:
 - :class:`BiFormer` (``"biformer"``): a causal 1-D prefill selector for language models. Regions are blocks of
   ``block`` consecutive tokens (query blocks on the query side, key blocks on the key side); each query block
   keeps its ``topk`` best causally visible key blocks, plus its diagonal block so that no query is left without
-  a key. Default ``topk=8`` blocks of ``block=128`` tokens: the paper's main stage (stage 3, most of the
-  layers) routes to 16 regions, and 8 blocks of 128 tokens keep the same 1K routed keys per query. Why not 16
-  of 64: FlexAttention's kernel runs 64-token sparse blocks at about half its dense efficiency on the H200 (a
-  profile at 8K: 0.81 ms of attention at density 0.28 against 1.49 ms dense), and 128-token blocks made the
-  whole call 1.2-1.6x faster at the same accuracy (BENCHMARKS.md, session 5).
+  a key. Default ``topk=16`` blocks of ``block=128`` tokens: the paper's main stage (stage 3, most of the
+  layers) routes to 16 regions. Why 128 tokens and not 64: FlexAttention's kernel runs 64-token sparse blocks at
+  about half its dense efficiency on the H200 (a profile at 8K: 0.81 ms of attention at density 0.28 against
+  1.49 ms dense), and 128-token blocks made the whole call 1.2-1.6x faster at the same accuracy (BENCHMARKS.md,
+  session 5). Why 16 and not 8 blocks of 128 (the same 1K routed keys as 16 of 64, session 5's default): on
+  ref-small stage 6, which solves variable tracking at 32K, 8 blocks kept 98.9% of dense over the NIAH family and
+  vt at 8K-32K (vt at 32K: 88%), 12 kept 99.3%, 16 kept 99.5% (vt at 32K: 92%) at density 0.143 at 32K, for
+  5.2x SDPA flash at 32K and 17.9x at 128K against 6.8x and 22.3x with 8 (BENCHMARKS.md, session 6).
 - :func:`biformer_attention_2d`: the paper's non-causal 2-D form on a row-major ``height x width`` token grid,
   ``n_win x n_win`` regions, run as one block-sparse kernel call in region-major token order.
 
@@ -29,12 +32,12 @@ an image model's routing never needed. Measured on ref-small (H200, the NIAH fam
 8K-32K, 20 samples per cell, the same samples as dense; BENCHMARKS.md, session 5), with 16 blocks of 64 tokens:
 bound scoring with the sink and local blocks kept 100.4% of dense at density 0.074 at 32K; the paper's routing
 (``scoring="mean", sink_blocks=0, local_blocks=0``) kept 89.9% at 0.062 (vt: 0.76 / 0.69 / 0.26 of dense at 8K /
-16K / 32K). The defaults (8 blocks of 128) kept 100.2% at 0.086 (the NIAH part of these is an upper bound:
-measured before the prompts ended with the answer's leading space). The bound costs more to estimate than the
-means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win back. The bound is only as
-tight as the keys are concentrated: for keys of large isotropic noise every block's bound is alike. The cost is a
-matmul over the doubled head dim of the sampled queries (bf16 on the GPU), chunked over query blocks so that
-memory stays linear in length.
+16K / 32K). 8 blocks of 128 kept 100.2% at 0.086 (the NIAH part of these is an upper bound: measured before the
+prompts ended with the answer's leading space; with them, and the stage-6 model, 98.9%, above). The bound costs
+more to estimate than the means (32K, 64-token blocks: 4.2x SDPA flash against 6.0x), which the larger blocks win
+back. The bound is only as tight as the keys are concentrated: for keys of large isotropic noise every block's
+bound is alike. The cost is a matmul over the doubled head dim of the sampled queries (bf16 on the GPU), chunked
+over query blocks so that memory stays linear in length.
 
 Causality of the 1-D selector: a block descriptor is the mean over the whole block, so the routing of query
 block ``r`` also looks at the later queries of block ``r`` (and the diagonal key block at its later keys). This
@@ -120,12 +123,12 @@ class BiFormer(Selector):
     diagonal block and the forced sink and local blocks); ``scoring="mean", sink_blocks=0, local_blocks=0`` is the
     paper's ``mean(q) . mean(k)`` routing."""
 
-    topk: int = 8
+    topk: int = 16
     block: int = 128
     # Dense SDPA below this key length, which beats torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200).
-    # Estimation included, against SDPA flash: eager 0.6x at 8K, 6.7x at 32K; with ``cuda_graph=True`` 1.6x
-    # at 8K (0.8x cuDNN) and 3.3x at 16K (1.9x cuDNN), so with graphs ``dense_below=16384`` pays
-    # (BENCHMARKS.md, sessions 3 and 5).
+    # Estimation included, against SDPA flash, at the defaults: eager 0.8x at 8K, 5.2x at 32K; with
+    # ``cuda_graph=True`` 1.3x at 8K (0.66x cuDNN) and 2.6x at 16K (1.5x cuDNN), so with graphs
+    # ``dense_below=16384`` pays (BENCHMARKS.md, session 6).
     dense_below: int = 32768
     #: ``"bound"`` (Quest upper bound of each key block against sampled queries, the default) or ``"mean"``
     #: (the paper's mean-pooled block descriptors); see the module docstring

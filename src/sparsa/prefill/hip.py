@@ -27,22 +27,28 @@ Node scoring (``scoring``):
   of key blocks comes from a sparse table over the key blocks (level ``j`` holds the max over ``2^j`` consecutive
   blocks, ``[kmax, -kmin]`` side by side so one max serves both), built once per call with ``O(log Kb)`` tensor ops, as
   the max of two overlapping power-of-two windows: one gather per level of the search. The table has
-  ``log2`` (largest child, in blocks) + 1 levels of ``[B, Hkv, Kb, 2 D]`` float32 (at 128K tokens, ``block`` 64,
-  8 KV heads, D = 128 and the default budget: 8 levels, 134 MB per sequence).
+  ``log2`` (largest child, in blocks) + 1 levels of ``[B, Hkv, Kb, 2 D]`` float32 (at 128K tokens, 8 KV heads,
+  D = 128 and the defaults: 6 levels, 50 MB per sequence).
 - ``"centre"``: the child's representative key is its centre token, as in the paper (scored by the plain dot
   product ``q . k``).
 
-Defaults: ``mask_k = 512`` keys per query and ``sliding_window = 128`` (HiP v1.0), ``sink = 4`` tokens (the
-``sink_token_size`` of the v1.1 ``hip_attention`` entry point). Granularity mapping onto sparsa's square tiles
-(``block``, default 64):
+Defaults: ``sliding_window = 128`` (HiP v1.0), ``sink = 4`` tokens (the ``sink_token_size`` of the v1.1
+``hip_attention`` entry point), and ``mask_k = 2048`` keys per query in ``block = 128`` tiles, where the paper's
+v1.0 default is ``mask_k = 512`` (InfiniteHiP, v1.2, keeps 2048-4096 keys in its last pruning stage). Why: on
+ref-small stage 6 (H200, the NIAH family and variable tracking at 8K-32K, 20 samples per cell, prompts ending with
+the answer's leading space; BENCHMARKS.md, session 6) the paper's 512 kept 97.8% of dense (vt at 32K: 84%) at
+density 0.047 at 32K, 1024 kept 98.8%, and 2048 kept 99.4% (vt at 32K: 93%) at 0.143; 2048 keys are still 6% of a
+32K context and 1.6% of 128K. With 128-token tiles the whole call is 1.7x faster than with 64 at the same budget
+at 32K and 128K (32K: 3.9 against 6.5 ms at ``mask_k = 512``; alike at 8K), since FlexAttention runs 64-token
+sparse tiles at about half its dense efficiency; at the defaults hip runs at 4.3x SDPA flash at 32K and 16.9x at
+128K. Granularity mapping onto sparsa's square tiles:
 
 - HiP builds its mask for query blocks of ``b_q = 32`` queries over key groups of ``b_k = 1-2`` tokens;
   sparsa's kernels compute ``block x block`` tiles, so the tree search here stops at key *blocks*: ``mask_k``
-  tokens become ``ceil(mask_k / block)`` selected blocks (8 at the defaults). A leaf block is still scored like
+  tokens become ``ceil(mask_k / block)`` selected blocks (16 at the defaults). A leaf block is still scored like
   every node above it (its centre token, or its keys' bound).
-- ``block = 64`` rather than the kernels' usual 128: the finest block the kernels run efficiently, the closest
-  to HiP's 32-query blocks and 1-2 token leaves, and it leaves the search 8 leaves at ``mask_k = 512`` (4 at
-  128, where the last levels of the search would mostly be decided by the window).
+- ``block = 64`` is closer to HiP's 32-query blocks and 1-2 token leaves, but costs the kernel's efficiency
+  (above); ``block=64, mask_k=512`` is the closest to the paper's configuration.
 - ``sliding_window`` tokens become the diagonal block plus the ``ceil(sliding_window / block)`` blocks before
   it (a superset of every query's token window); ``sink`` tokens become the first ``ceil(sink / block)``
   blocks. Sinks and window are excluded from the search range (as HiP excludes the window), so the searched
@@ -108,14 +114,15 @@ SCORINGS = ("bound", "centre")
 @dataclass
 class HiP(Selector):
     #: keys per query selected by the tree search, in tokens (HiP's ``mask_k``); ``ceil(mask_k / block)`` blocks
-    mask_k: int = 512
+    mask_k: int = 2048
     #: local window in tokens, always computed (with the diagonal block)
     sliding_window: int = 128
     #: attention-sink tokens at the start, always computed (key block 0 when ``sink <= block``)
     sink: int = 4
-    block: int = 64
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.35x at 8K, 3.30x at 32K; BENCHMARKS.md, session 3).
+    block: int = 128
+    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200, estimation
+    # included, at the defaults: 0.33x at 8K (0.60x with ``cuda_graph=True``), 1.22x at 16K with graphs, 2.51x at
+    # 32K (BENCHMARKS.md, session 6).
     dense_below: int = 32768
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
     query_samples: int = 16

@@ -7,13 +7,16 @@ attention-weighted average of its keys. A query scores the chunks with its head'
 chunk, and the best-scoring others. Queries before ``begin_selective_length`` use full attention. Defaults
 are the paper's: ``window_size = 256``, ``atten_length = 4096``, ``begin_selective_length = 4096``.
 
-Mapping onto sparsa (``block x block`` tiles, ``block`` default 64, ``window_size`` a multiple of it):
+Mapping onto sparsa (``block x block`` tiles, ``block`` default 128, ``window_size`` a multiple of it):
 
 - Selection is per *query block* and per *query head*, not per query token: a query block scores each chunk
   by the max, over ``query_samples`` evenly spaced queries of the block (its last query included), of
-  ``q . chunk_key`` -- a chunk that some query of the block ranks high is kept. ``block = 64`` keeps the
-  block close to the paper's per-token choice while the kernels stay efficient; a selected chunk is its
-  ``window_size / block`` key blocks.
+  ``q . chunk_key`` -- a chunk that some query of the block ranks high is kept; a selected chunk is its
+  ``window_size / block`` key blocks. ``block = 128``: the paper chooses per token, and 64 would stay closer to
+  it, but FlexAttention runs 64-token sparse tiles at about half its dense efficiency; on the H200 at the same
+  density 128 made the call 1.8-2.4x faster (32K: 6.2 against 13.2 ms, 4.0x against 1.85x SDPA flash; 128K:
+  13.7x against 5.6x) and kept 99.4% of dense on ref-small stage 6 (NIAH family and vt, 8K-32K) against 99.8%
+  with 64 (BENCHMARKS.md, session 6).
 - "Current chunk": the chunks of the block's first and last query (they differ only when the block straddles
   a chunk boundary, e.g. in chunked prefill at an unaligned offset); the one before the first query's chunk is
   "previous". All of them are forced, and the budget of top chunks shrinks by the number forced.
@@ -97,9 +100,10 @@ class LongHeads(Selector):
     atten_length: int = 4096
     #: queries before this position use full attention
     begin_selective_length: int = 4096
-    block: int = 64
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.36x at 8K, 1.22x at 32K; BENCHMARKS.md, session 3).
+    block: int = 128
+    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200, estimation
+    # included, at the defaults: 0.41x at 8K (0.57x with ``cuda_graph=True``), 1.17x at 16K with graphs, 2.35x at
+    # 32K (BENCHMARKS.md, session 6).
     dense_below: int = 32768
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16
