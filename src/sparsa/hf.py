@@ -206,6 +206,8 @@ def sparsa_attention_forward(module, query: Tensor, key: Tensor, value: Tensor, 
     layer = getattr(module, "layer_idx", None)
     lq, lk = query.shape[2], key.shape[2]
     method = state.prefill if lq > 1 else None  # decode steps: dense until a decode policy takes them
+    if method is not None and getattr(method, "is_dense_layer", lambda i: False)(layer):
+        method = None  # a layer the method keeps dense (its dense_layers): sdpa, as configured, not a fallback
     reason = _fallback_reason(state, module, attention_mask, lq, lk, dropout) if method is not None else None
     label = "sdpa" if lq > 1 else f"decode:{getattr(state.decode, 'name', 'dense')}"
     record = {"layer": layer, "q_len": lq, "kv_len": lk, "method": label, "density": 1.0, "fallback": reason,

@@ -51,12 +51,13 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """``"streaming:window=256,sink=4"`` -> MethodSpec; unknown names and parameters are caught here."""
+    """``"streaming:window=256,sink=4"`` -> MethodSpec; unknown names and parameters are caught here. A value is
+    JSON where it parses (``dense_layers=[0,5]``, ``threshold=0.01``), else a string."""
     from .. import registry
 
     name, _, rest = text.strip().partition(":")
     params = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in _split_params(rest))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method parameter {item!r} in {text!r} must look like key=value")
@@ -69,6 +70,19 @@ def parse_method(text: str) -> MethodSpec:
         method = registry.create("prefill", name, **params)  # validates the name and parameters now, not mid-run
         config = method_config(method)
     return MethodSpec(text.strip(), name, params, config)
+
+
+def _split_params(text: str) -> list[str]:
+    """Split ``key=value`` items at commas outside brackets, so that a list value keeps its commas."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "[("
+        depth -= ch in "])"
+        if ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def method_config(method) -> str:
@@ -162,7 +176,9 @@ def run_cell(model, tokenizer, cell: Cell, samples: list[dict], batch_size: int)
     if method.baseline:
         sparsa.configure(model)
     else:
-        sparsa.configure(model, prefill=method.name, dense_below=0, **method.params)
+        # Sparse at every length unless the method string sets its own dense_below (then its fallback is measured)
+        params = dict(method.params)
+        sparsa.configure(model, prefill=method.name, dense_below=params.pop("dense_below", 0), **params)
     task = task_lib.get(cell.task)
     start = time.perf_counter()
     scores, densities, fallbacks = [], [], 0

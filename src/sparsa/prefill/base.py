@@ -56,6 +56,12 @@ class Selector:
     #: longest key length replayed as a graph: beyond it the attention's arithmetic dwarfs the launch overhead,
     #: and each graph's buffers grow with the length
     graph_max_len: int = 32768
+    #: layer indices (0-based, as ``layer_idx``) computed densely, never by this method: several papers keep some
+    #: layers dense (InfiniteHiP the first ones and the last, HyperAttention patches only the last layers of its
+    #: LLM, Phi-3-small's S2-Attention every other layer). Through ``sparsa.configure`` such a layer runs the
+    #: ``sdpa`` path, and ``attend`` with that ``layer_idx`` runs the dense pattern on sparsa's kernel. Its
+    #: density, 1.0, counts in ``sparsa.stats``.
+    dense_layers: tuple = ()
 
     def __post_init__(self):
         check_int(self, "dense_below", minimum=0)
@@ -65,6 +71,18 @@ class Selector:
         if not isinstance(self.cuda_graph, bool):
             raise ValueError(f"{self.name}: cuda_graph must be True or False, got {self.cuda_graph!r}")
         check_int(self, "graph_max_len", minimum=1)
+        layers = self.dense_layers
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        if not isinstance(layers, (list, tuple)) or any(
+                not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers):
+            raise ValueError(f"{self.name}: dense_layers must be a list of layer indices (ints >= 0), "
+                             f"got {self.dense_layers!r}")
+        self.dense_layers = tuple(sorted(set(layers)))
+
+    def is_dense_layer(self, layer_idx) -> bool:
+        """Whether ``dense_layers`` keeps this layer dense."""
+        return layer_idx is not None and layer_idx in self.dense_layers
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx: int | None = None) -> BlockPattern:
         raise NotImplementedError
@@ -117,6 +135,13 @@ class Selector:
 
         The computation is ``_attend``; with ``cuda_graph`` this replays it as a CUDA graph where that applies.
         """
+        if self.is_dense_layer(layer_idx):
+            from ..ops import block_sparse_attention
+
+            pattern = BlockPattern.dense(q.shape[2], k.shape[2], device=q.device)
+            out = block_sparse_attention(q, k, v, pattern, causal=True, scale=scale,
+                                         key_padding_mask=key_padding_mask, backend=backend, validate=False)
+            return out, 1.0
         if self.cuda_graph and graphs.applies(self, q, k, v, key_padding_mask):
             return graphs.attend(self, q, k, v, scale=scale, key_padding_mask=key_padding_mask, backend=backend,
                                  layer_idx=layer_idx)
