@@ -312,3 +312,24 @@ def test_sink_and_local_blocks_come_on_top_of_the_routed_ones(scoring):
     torch.testing.assert_close(out.double(), dense_attention(q, k, v, mask)[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="local_blocks"):
         _routing(local_blocks=-1)
+
+
+def test_topk_fraction_grows_the_budget_with_the_context():
+    sel = BiFormer(topk=8, topk_fraction=1 / 16)
+    assert [sel.budget(n) for n in (8192, 16384, 32768, 131072, 100)] == [8, 8, 16, 64, 8]
+    assert BiFormer(topk=8).budget(131072) == 8
+    for bad in (-0.1, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match="topk_fraction"):
+            BiFormer(topk_fraction=bad)
+
+    torch.manual_seed(5)
+    bs, lk = 16, 16 * 40
+    q, k = torch.randn(1, 4, lk, 32), torch.randn(1, 2, lk, 32)
+    base = dict(topk=2, block=bs, query_samples=4, sink_blocks=0, local_blocks=0)
+    small = BiFormer(**base).select(q, k)
+    grown = BiFormer(**base, topk_fraction=0.25).select(q, k)  # 10 of 40 key blocks
+    last_row = grown.kv_num_blocks[0, :, -1]
+    assert ((last_row >= 10) & (last_row <= 11)).all()  # the budget, plus the diagonal when it was not picked
+    assert grown.density() > small.density()
+    full = BiFormer(**base, topk_fraction=1.0).select(q, k)
+    assert full.density() == pytest.approx(1.0)
