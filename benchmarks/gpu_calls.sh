@@ -32,6 +32,7 @@
 #   bash benchmarks/gpu_calls.sh s6-defaults    # session 6: the new defaults timed under their plain names
 #   bash benchmarks/gpu_calls.sh s6-fallback    # session 6: time to first token at 4K-16K with each method's dense_below
 #   bash benchmarks/gpu_calls.sh s6-hyper       # session 6: hyper with its first layers dense (dense_layers)
+#   bash benchmarks/gpu_calls.sh s7-budget      # next (x2): biformer's topk_fraction, accuracy and speed
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -346,6 +347,18 @@ case "${1:-}" in
     timeout -s INT 200 $B --methods "dense;hyper:dense_layers=[0,1,2];hyper:dense_layers=[0]" --tasks $T \
       --lengths 8192,16384,32768 --out "$OUT/bench-3.jsonl" > "$OUT/bench-3.txt" 2>&1; tail -n 6 "$OUT/bench-3.txt"
     ;;
+  s7-budget)  # next (x2), about 5 minutes, not yet run: biformer with a budget that grows with the context.
+               # GPU 1: its accuracy (NIAH family and vt, 8K-32K); GPU 0: its speed, eager to 128K and graphs at 8K-16K
+    M="biformer:topk=8,topk_fraction=0.0625"
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 280 $B --methods "dense;$M" --tasks $T --lengths 8192,16384,32768 \
+       --out "$OUT/bench-budget.jsonl" > "$OUT/bench-budget.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout -s INT 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer;$M" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout -s INT 100 python benchmarks/prefill_speed.py --lengths 8192,16384 --ttft "" \
+      --methods "dense;$M+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
+    wait $BP; tail -n 5 "$OUT/bench-budget.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -353,6 +366,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget" >&2
      exit 2 ;;
 esac
