@@ -125,7 +125,7 @@ def test_speed_prefers_prefill_time_over_wall_seconds():
 
 def test_markdown_table():
     text = report.markdown_table(synthetic_rows())
-    header, scores, methods = text.strip().split("\n\n")
+    header, scores, lengths, methods = text.strip().split("\n\n")
     assert "ref-tiny" in header and "cpu" in header and "samples per cell** 4" in header
     assert "2026-11-29T19:10:00Z to 2026-11-30T08:00:00Z" in header
     assert scores.splitlines() == [
@@ -138,6 +138,14 @@ def test_markdown_table():
         f"| vt | {TOPK} | 1.00 (100%) | 0.50 (100%) |",
         "| qa | dense | 0.00 | - |",
         f"| qa | {STREAM} | 0.25 (n/a) | - |",
+    ]
+    # Pooled by length (qa, which dense scores 0 on, left out): streaming at 1k (0.8333 * 12 + 0.75 * 4) / 16,
+    # at 2k (0.5 * 12 + 0.25 * 4) / (5/6 * 12 + 0.5 * 4) = 7/12, over both 20/28; densities are cell means.
+    assert lengths.splitlines() == [
+        "| method | 1k | 2k | all |",
+        "| --- | ---: | ---: | ---: |",
+        f"| {STREAM} | 81.2% @ 0.400 | 58.3% @ 0.350 | 71.4% @ 0.380 |",
+        f"| {TOPK} | 100.0% @ 0.200 | 100.0% @ 0.200 | 100.0% @ 0.200 |",
     ]
     # streaming: retentions 5/6, 0.6, 0.75, 0.5 (qa has none) -> mean 0.6708; density (0.3*2+0.4*2+0.5)/5.
     stream_summary = next(line for line in methods.splitlines() if line.startswith(f"| {STREAM} "))

@@ -168,9 +168,10 @@ def _method_order(rows) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ tables
 def markdown_table(rows: list[dict]) -> str:
-    """A header line, the score table (method x task/length) and the per-method summary, as Markdown."""
+    """A header line, the score table (method x task/length), retention and density by length, and the
+    per-method summary, as Markdown."""
     cells = summarize(rows)
-    return "\n\n".join([header_line(rows), score_table(cells), method_table(cells)]) + "\n"
+    return "\n\n".join([header_line(rows), score_table(cells), length_table(cells), method_table(cells)]) + "\n"
 
 
 def header_line(rows: list[dict]) -> str:
@@ -205,6 +206,33 @@ def _by_task(cells: list[dict]) -> list[dict]:
     # ``summarize`` orders by method first; the table wants tasks grouped, keeping that method order inside.
     tasks = _first_seen(c["task"] for c in cells)
     return sorted(cells, key=lambda c: tasks.index(c["task"]))
+
+
+def length_table(cells: list[dict]) -> str:
+    """Per sparse method and length, over all its tasks: ``retention @ density``, and the same over every length.
+
+    Retention here is pooled: the method's summed scores over the dense scores of the same prompts, over the cells
+    dense attention scores above 0 on (a task the model cannot do says nothing about a method), so tasks weigh by
+    what dense attention gets right on them. Density is the mean over the cells.
+    """
+    label_of = _labeler(cells)
+    lengths = sorted({c["length"] for c in cells})
+    lines = [_md_row(["method"] + [fmt_length(n) for n in lengths] + ["all"]),
+             _md_row(["---"] + ["---:"] * (len(lengths) + 1))]
+    for label in _first_seen(label_of(c) for c in cells if not _is_dense(c)):
+        mine = [c for c in cells if label_of(c) == label]
+        groups = [[c for c in mine if c["length"] == n] for n in lengths] + [mine]
+        lines.append(_md_row([label] + [_pooled_entry(group) for group in groups]))
+    return "\n".join(lines)
+
+
+def _pooled_entry(group: list[dict]) -> str:
+    paired = [c for c in group if c["dense_score"]]  # a cell dense attention scores 0 on says nothing
+    if not paired:
+        return "-"
+    dense = sum(c["dense_score"] * c["n"] for c in paired)
+    kept = _ratio(sum(c["score"] * c["n"] for c in paired), dense)
+    return f"{_fmt(kept, '{:.1%}')} @ {_fmt(_mean(c['density'] for c in group), '{:.3f}')}"
 
 
 def method_table(cells: list[dict]) -> str:
