@@ -26,9 +26,10 @@ def test_bench_spec_takes_a_list():
     assert '"dense_layers": [0, 2]' in spec.config
 
 
-def test_attend_on_a_dense_layer_is_dense():
+@pytest.mark.parametrize("lq", [150, 61])  # whole prompt, and a chunk of prefill over prefix keys
+def test_attend_on_a_dense_layer_is_dense(lq):
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 150, 16), torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
+    q, k, v = torch.randn(2, 4, lq, 16), torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
     sel = registry.create("prefill", "streaming", dense_layers=[1], **SMALL_STREAMING)
     dense = registry.create("prefill", "dense")
     want, _ = dense.attend(q, k, v, layer_idx=1, backend="reference")
