@@ -33,6 +33,7 @@
 #   bash benchmarks/gpu_calls.sh s6-fallback    # session 6: time to first token at 4K-16K with each method's dense_below
 #   bash benchmarks/gpu_calls.sh s6-hyper       # session 6: hyper with its first layers dense (dense_layers)
 #   bash benchmarks/gpu_calls.sh s7-budget      # next (x2): biformer's topk_fraction, accuracy and speed
+#   bash benchmarks/gpu_calls.sh s7-rest        # next: the other dynamic methods timed on the stage-6 model
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -359,6 +360,13 @@ case "${1:-}" in
       --methods "dense;$M+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
     wait $BP; tail -n 5 "$OUT/bench-budget.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
+  s7-rest)  # next, one GPU, about 4 minutes, not yet run: vertical_slash, flexprefill, sale and hyper at their defaults
+             # on the stage-6 model's activations (last timed in session 4, on stage 4's), and hyper with its first
+             # three of six layers dense (time to first token)
+    timeout -s INT 300 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;vertical_slash;flexprefill;sale;hyper;hyper:dense_layers=[0,1,2]" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"; cut -c1-150 "$OUT/prefill.txt"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -366,6 +374,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest" >&2
      exit 2 ;;
 esac

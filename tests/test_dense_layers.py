@@ -60,3 +60,11 @@ def test_hf_dense_layers_run_sdpa_and_count_in_stats():
         layers = sparsa.stats(ours)["layers"]
         assert [r["method"] for r in layers] == ["sdpa", "streaming"]
         assert layers[0]["density"] == 1.0 and layers[1]["density"] < 1.0
+
+
+def test_configure_refuses_layers_the_model_lacks():
+    from test_hf import _pair
+
+    _, model = _pair("llama", seed=3)  # layers 0 and 1
+    with pytest.raises(ValueError, match=r"dense_layers \[2\]"):
+        sparsa.configure(model, prefill="streaming", dense_layers=[0, 2], **SMALL_STREAMING)

@@ -153,6 +153,11 @@ def configure(model, prefill=None, decode=None, *, dense_below: int | None = Non
     layers = [m for m in model.modules() if _is_attention(m)]
     if not layers:
         raise ValueError("found no attention layers (modules with a layer_idx and a config) in the model")
+    known = {m.layer_idx for m in layers}
+    unknown = sorted(set(getattr(state.prefill, "dense_layers", ())) - known)
+    if unknown:
+        raise ValueError(f"dense_layers {unknown} are not layers of this model (its attention layers are "
+                         f"{min(known)}..{max(known)})")
     for module in layers:
         module.sparsa_state = state
     model.sparsa_state = state
