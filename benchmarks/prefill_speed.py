@@ -170,7 +170,9 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tokenizer = load_model(resolve_model(args.model), device)
     # ';' separates methods when one has several parameters ("biformer:scoring=bound,local_blocks=2"), as in bench
-    methods = [m for m in args.methods.split(";" if ";" in args.methods else ",") if m]
+    from sparsa.bench.runner import split_outside_brackets
+
+    methods = [m for m in split_outside_brackets(args.methods, ";" if ";" in args.methods else ",") if m]
     info = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M"))
     out = open(args.jsonl, "a")
     for length in [int(x) for x in args.lengths.split(",") if x]:

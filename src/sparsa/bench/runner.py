@@ -57,7 +57,7 @@ def parse_method(text: str) -> MethodSpec:
 
     name, _, rest = text.strip().partition(":")
     params = {}
-    for item in filter(None, (p.strip() for p in _split_params(rest))):
+    for item in filter(None, (p.strip() for p in split_outside_brackets(rest))):
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"method parameter {item!r} in {text!r} must look like key=value")
@@ -72,13 +72,13 @@ def parse_method(text: str) -> MethodSpec:
     return MethodSpec(text.strip(), name, params, config)
 
 
-def _split_params(text: str) -> list[str]:
-    """Split ``key=value`` items at commas outside brackets, so that a list value keeps its commas."""
+def split_outside_brackets(text: str, sep: str = ",") -> list[str]:
+    """Split at ``sep`` outside brackets, so that a list value (``dense_layers=[0,1]``) keeps its commas."""
     items, depth, start = [], 0, 0
     for i, ch in enumerate(text):
         depth += ch in "[("
         depth -= ch in "])"
-        if ch == "," and depth == 0:
+        if ch == sep and depth == 0:
             items.append(text[start:i])
             start = i + 1
     items.append(text[start:])
