@@ -63,8 +63,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._shapes import device_key, shape_constant
-from ..pattern import BlockPattern, causal_block_mask, last_visible_block
+from ..ops.topk_blocks import topk_blocks
+from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
 from .estimate import sampled_bounds
@@ -191,33 +191,14 @@ class BiFormer(Selector):
     def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         scores = self.routing_scores(q, k, key_padding_mask)
         lq, lk = q.shape[2], k.shape[2]
-        forced = self._forced(lq, lk, q.device)
-        if forced is not None:  # routed blocks come on top of the forced ones
-            scores = scores.masked_fill(forced, float("-inf"))
-        pattern = BlockPattern.from_block_scores(scores, q_len=lq, kv_len=lk, block_q=self.block,
-                                                 block_k=self.block, topk=self.budget(lk), causal=True,
-                                                 keep_diagonal=True, keep_first=False)
-        if forced is None:
-            return pattern
-        picked = pattern.to_block_mask() | (forced & causal_block_mask(lq, lk, self.block, self.block, q.device))
-        return BlockPattern.from_block_mask(picked, q_len=lq, kv_len=lk, block_q=self.block, block_k=self.block)
+        # routed blocks come on top of the forced sink and local ones; one Triton launch on CUDA
+        num, idx = topk_blocks(scores, self.budget(lk), q_len=lq, kv_len=lk, block=self.block,
+                               sink=self.sink_blocks, local=self.local_blocks)
+        return BlockPattern(num, idx, self.block, self.block, lq, lk)
 
     def budget(self, kv_len: int) -> int:
         """Routed key blocks per query block at this key length: ``topk``, or more with ``topk_fraction``."""
         return max(self.topk, math.ceil(self.topk_fraction * -(-kv_len // self.block)))
-
-    def _forced(self, lq: int, lk: int, device) -> Tensor | None:
-        """``[Qb, Kb]`` sink and local blocks, or None when there are none (the paper's routing)."""
-        if not (self.sink_blocks or self.local_blocks):
-            return None
-
-        def make():
-            last = last_visible_block(lq, lk, self.block, self.block, device)[:, None]  # [Qb, 1] diagonal block
-            j = torch.arange(-(-lk // self.block), device=device)[None, :]
-            return (j < self.sink_blocks) | ((j < last) & (j >= last - self.local_blocks))
-
-        key = ("biformer_forced", lq, lk, self.block, self.sink_blocks, self.local_blocks, device_key(device))
-        return shape_constant(key, make)
 
 
 def _check_qk(q, k):

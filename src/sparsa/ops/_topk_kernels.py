@@ -1,0 +1,47 @@
+"""Triton kernel behind ``sparsa.ops.topk_blocks``: per row of a block score map, the top-k routed key blocks
+plus the forced ones, written straight out as a compacted index list (imported only when Triton is used).
+
+One program per row (batch x head x query block). The row width is rounded up to a power of two (``KB_P2``, a
+compile-time size), so a new prompt length recompiles only when the block count crosses one.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def topk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, s_b, s_h, s_q, H, TOPK, BQ, BK, Q_LEN, OFFSET,
+                     SINK, LOCAL, KB_P2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    r = row % QB
+    bh = row // QB
+    h = bh % H
+    b = bh // H
+    j = tl.arange(0, KB_P2)
+    in_row = j < KB
+    s = tl.load(score_ptr + b * s_b + h * s_h + r * s_q + j, mask=in_row, other=float("-inf"))
+    # the key block that holds the last key this query block's last query can see
+    last = (tl.minimum((r + 1) * BQ, Q_LEN) - 1 + OFFSET) // BK
+    visible = in_row & (j <= last)
+    forced = visible & ((j < SINK) | ((j < last) & (j >= last - LOCAL)))
+    candidate = visible & (forced == 0) & (s > float("-inf"))
+    # A sort key that orders by score, then by lower block index (so ties are broken the same way every run):
+    # float32 bits made monotone as signed ints in the high word, the reversed index in the low word.
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = (ordered.to(tl.int64) << 32) | (KB_P2 - 1 - j).to(tl.int64)
+    key = tl.where(candidate, key, -9223372036854775807 - 1)
+    n_candidates = tl.sum(candidate.to(tl.int32), 0)
+    if TOPK < n_candidates:
+        ranked = tl.sort(key, 0, descending=True)
+        kth = tl.sum(tl.where(j == TOPK - 1, ranked, 0), 0)  # the k-th largest key (keys are distinct)
+        picked = candidate & (key >= kth)
+    else:
+        picked = candidate
+    keep = picked | forced | (j == tl.minimum(last, KB - 1))
+    count = tl.sum(keep.to(tl.int32), 0)
+    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
+    base = row * KB
+    tl.store(idx_ptr + base + j, tl.zeros([KB_P2], tl.int32), mask=in_row & (j >= count))
+    tl.store(idx_ptr + base + slot, j.to(tl.int32), mask=keep)
+    tl.store(num_ptr + row, count)
