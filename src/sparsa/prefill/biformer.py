@@ -145,8 +145,9 @@ class BiFormer(Selector):
     #: ``max(topk, ceil(topk_fraction * Lk / block))``, so it grows with the context (0, the default: ``topk``
     #: at every length). A fixed ``topk`` must pick the same few blocks out of ever more candidates; on ref-small
     #: 8 blocks of 128 kept 100.0% / 99.6% of dense at 8K / 16K but 97.2% at 32K, where 16 kept 97.8%
-    #: (BENCHMARKS.md, session 6); ``topk=8, topk_fraction=1/16`` gives 8 blocks to 16K and 16 at 32K. Not yet
-    #: timed on the GPU, so not a default.
+    #: (BENCHMARKS.md, session 6); ``topk=8, topk_fraction=1/16`` gives 8 blocks to 16K and 16 at 32K: 99.1%
+    #: over 8K-32K and 1.57x SDPA flash at 8K with ``cuda_graph=True``, but its 64 blocks at 128K leave 8.5x
+    #: SDPA flash there, against 18.4x with 16 (BENCHMARKS.md, session 7), so it is not a default.
     topk_fraction: float = 0.0
 
     def __post_init__(self):
