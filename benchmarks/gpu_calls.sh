@@ -32,8 +32,10 @@
 #   bash benchmarks/gpu_calls.sh s6-defaults    # session 6: the new defaults timed under their plain names
 #   bash benchmarks/gpu_calls.sh s6-fallback    # session 6: time to first token at 4K-16K with each method's dense_below
 #   bash benchmarks/gpu_calls.sh s6-hyper       # session 6: hyper with its first layers dense (dense_layers)
-#   bash benchmarks/gpu_calls.sh s7-budget      # next (x2): biformer's topk_fraction, accuracy and speed
-#   bash benchmarks/gpu_calls.sh s7-rest        # next: the other dynamic methods timed on the stage-6 model
+#   bash benchmarks/gpu_calls.sh s7-budget      # session 7 (x2): biformer's topk_fraction, accuracy and speed
+#   bash benchmarks/gpu_calls.sh s7-rest        # session 7: the other dynamic methods timed on the stage-6 model
+#   bash benchmarks/gpu_calls.sh s7-triton      # session 7 (x2): Triton estimation (Quest bounds, top-k blocks):
+#                                               # GPU tests and speed on GPU 0, accuracy of biformer/longheads on GPU 1
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -348,7 +350,7 @@ case "${1:-}" in
     timeout -s INT 200 $B --methods "dense;hyper:dense_layers=[0,1,2];hyper:dense_layers=[0]" --tasks $T \
       --lengths 8192,16384,32768 --out "$OUT/bench-3.jsonl" > "$OUT/bench-3.txt" 2>&1; tail -n 6 "$OUT/bench-3.txt"
     ;;
-  s7-budget)  # next (x2), about 5 minutes, not yet run: biformer with a budget that grows with the context.
+  s7-budget)  # session 7 (x2), 2.1 minutes: biformer with a budget that grows with the context.
                # GPU 1: its accuracy (NIAH family and vt, 8K-32K); GPU 0: its speed, eager to 128K and graphs at 8K-16K
     M="biformer:topk=8,topk_fraction=0.0625"
     (CUDA_VISIBLE_DEVICES=1 timeout -s INT 280 $B --methods "dense;$M" --tasks $T --lengths 8192,16384,32768 \
@@ -360,7 +362,7 @@ case "${1:-}" in
       --methods "dense;$M+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
     wait $BP; tail -n 5 "$OUT/bench-budget.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
-  s7-rest)  # next, one GPU, about 4 minutes, not yet run: vertical_slash, flexprefill, sale and hyper at their defaults
+  s7-rest)  # session 7, one GPU, 2.7 minutes: vertical_slash, flexprefill, sale and hyper at their defaults
              # on the stage-6 model's activations (last timed in session 4, on stage 4's), and hyper with its first
              # three of six layers dense (time to first token)
     timeout -s INT 240 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
@@ -371,6 +373,22 @@ case "${1:-}" in
       --methods "hyper:dense_layers=[0,1,2]" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
     cut -c1-150 "$OUT/prefill.txt"
     ;;
+  s7-triton)  # x2, about 5 minutes: biformer's and longheads' estimation in Triton (Quest bounds, top-k blocks).
+              # GPU 1: their accuracy again (the selection is the same up to bf16 rounding of the bounds);
+              # GPU 0: the Triton ops' tests on the device, then speed eager to 128K and with graphs at 8K-16K
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 280 $B --methods "dense;biformer;longheads" --tasks $T \
+       --lengths 8192,16384,32768 --out "$OUT/bench-triton.jsonl" > "$OUT/bench-triton.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_topk_blocks_op.py \
+      tests/test_quest_op.py tests/test_prefill_biformer.py tests/test_longheads_bound.py 2>&1 | tail -3
+    timeout -s INT 200 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer;longheads;biformer:topk=8" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning > "$OUT/prefill.txt"
+    timeout -s INT 100 python benchmarks/prefill_speed.py --lengths 8192,16384 --ttft "" \
+      --methods "dense;biformer+graph;longheads+graph;biformer:topk=8+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning >> "$OUT/prefill.txt"
+    wait $BP; tail -n 5 "$OUT/bench-triton.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -378,6 +396,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton" >&2
      exit 2 ;;
 esac
