@@ -3,7 +3,9 @@
 - ``probe_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of a few probe queries'
   causal softmax attention over all keys (``sparsa.ops.vertical_slash``: Triton on CUDA, PyTorch reference);
 - ``band_tiles`` / ``block_tiles``: the tiles that selected key blocks and diagonal bands touch, as a
-  ``[B, H, Qb, Kb]`` map.
+  ``[B, H, Qb, Kb]`` map;
+- ``sampled_bounds``: Quest bounds of key blocks against sampled queries, per query block
+  (``sparsa.ops.quest``: Triton on CUDA, PyTorch reference).
 
 Memory is linear in the key length (probe rows x keys) plus block-level maps.
 """
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .._shapes import device_key, shape_constant
+from ..ops.quest import block_bounds  # noqa: F401 -- moved to sparsa.ops.quest; imported from here too
 from ..pattern import arange, causal_block_mask, last_visible_block
 
 
@@ -115,29 +118,6 @@ def force_sink_and_diagonal(tiles: Tensor, q_len: int, kv_len: int, block_q: int
 
 
 # ------------------------------------------------------------------------------ Quest bounds of key blocks
-def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Elementwise max and min of the keys of each run of ``block`` positions: ``(kmax, kmin)``, each
-    ``[B, H, nb, D]`` float32 (the last block may be shorter).
-
-    ``real [B, L]`` (True = real key): padded keys take no part; a block made only of padding gets
-    ``kmax = -inf`` and ``kmin = +inf`` (callers mask such blocks).
-    """
-    batch, heads, length, dim = k.shape
-    nb = -(-length // block)
-    tail = nb * block - length
-    hi, lo = k, k
-    if real is not None:
-        keep = real[:, None, :, None]
-        hi = k.masked_fill(~keep, float("-inf"))
-        lo = k.masked_fill(~keep, float("inf"))
-    if tail:  # pad with the neutral element of each reduction, so the short last block is exact
-        hi = torch.nn.functional.pad(hi, (0, 0, 0, tail), value=float("-inf"))
-        lo = torch.nn.functional.pad(lo, (0, 0, 0, tail), value=float("inf"))
-    kmax = hi.reshape(batch, heads, nb, block, dim).amax(3).float()
-    kmin = lo.reshape(batch, heads, nb, block, dim).amin(3).float()
-    return kmax, kmin
-
-
 def sampled_bounds(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Tensor | None = None,
                    query_real: Tensor | None = None, per_head: bool = False, pieces: int = 1,
                    max_elements: int = 1 << 26) -> Tensor:
@@ -151,43 +131,11 @@ def sampled_bounds(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: 
     runs of ``pieces`` consecutive key blocks (``nb`` must be a multiple of ``pieces``).
 
     ``key_real [B, Lk]`` / ``query_real [B, Lq]`` (True = real token): padded keys take no part, a key block of
-    padding only scores -inf, and padded sampled queries do not score. The bound is
-    ``relu(q) . kmax + min(q, 0) . kmin``: one matmul over a doubled head dim, in q's dtype on the GPU (the
-    scores are only ranked) and float32 on the CPU, in slices of query blocks of at most ``max_elements``
-    scores, so memory stays linear in length.
+    padding only scores -inf, and padded sampled queries do not score. ``sparsa.ops.quest``: two Triton launches
+    on CUDA (about fifteen PyTorch ops otherwise, whose launches dominate at 8K tokens), the PyTorch reference
+    elsewhere, in slices of query blocks of at most ``max_elements`` scores so memory stays linear in length.
     """
-    batch, hq, lq, dim = q.shape
-    hkv = k.shape[1]
-    group = hq // hkv
-    kmax, kmin = block_bounds(k, block, key_real)  # [B, Hkv, nb, D]
-    nb = kmax.shape[2]
-    dead = torch.isinf(kmax[..., 0]) if key_real is not None else None  # [B, Hkv, nb] blocks without a real key
-    dtype = q.dtype if q.is_cuda else torch.float32
-    keys = torch.cat((kmax, kmin), -1)
-    if dead is not None:  # zeroed so that 0 * inf never happens; masked below
-        keys = keys.masked_fill(dead[..., None], 0)
-        dead = dead[:, :, None, None, None, :]  # [B, Hkv, 1, 1, 1, nb]
-    keys = keys.to(dtype).transpose(-1, -2)  # [B, Hkv, 2D, nb]
-    rows = sample_rows(lq, block, samples, q.device)  # [Qb, S]
-    qb = rows.shape[0]
-    qs = q.index_select(2, rows.flatten()).view(batch, hkv, group, qb, samples, dim)
-    q_dead = None
-    if query_real is not None:  # [B, 1, 1, Qb, S, 1]
-        q_dead = ~query_real.index_select(1, rows.flatten()).view(batch, 1, 1, qb, samples, 1)
-    step = max(1, max_elements // max(1, batch * hq * samples * max(nb, 2 * dim)))
-    parts = []
-    for start in range(0, qb, step):
-        part = qs[:, :, :, start:start + step].to(dtype)
-        n = part.shape[3]
-        part = torch.cat((part.clamp(min=0), part.clamp(max=0)), -1)  # [B, Hkv, G, n, S, 2D]
-        scores = (part.reshape(batch, hkv, group * n * samples, 2 * dim) @ keys).view(batch, hkv, group, n,
-                                                                                       samples, nb)
-        if dead is not None:
-            scores = scores.masked_fill(dead, float("-inf"))
-        if pieces > 1:
-            scores = scores.view(batch, hkv, group, n, samples, nb // pieces, pieces).amax(-1)
-        if q_dead is not None:
-            scores = scores.masked_fill(q_dead[:, :, :, start:start + n], float("-inf"))
-        parts.append((scores.amax(4) if per_head else scores.amax((2, 4))).float())
-    out = parts[0] if len(parts) == 1 else torch.cat(parts, -2)  # [B, Hkv, (G,) Qb, nb // pieces]
-    return out.reshape(batch, hq, qb, -1) if per_head else out
+    from ..ops.quest import quest_scores
+
+    return quest_scores(q, k, block, samples, key_real=key_real, query_real=query_real, per_head=per_head,
+                        pieces=pieces, max_elements=max_elements)
