@@ -119,9 +119,9 @@ def scores_kernel(q_ptr, rows_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, out_
     d = tl.arange(0, BLOCK_D)
     x = tl.load(q_ptr + ((b * HQ + head0 + g) * LQ + pos)[:, None] * D + d[None, :],
                 mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
-    zero = tl.zeros_like(x)
-    qp = tl.maximum(x, zero)  # kept in q's dtype for the tensor cores; fp32 accumulation
-    qn = tl.minimum(x, zero)
+    # kept in q's dtype for the tensor cores, fp32 accumulation (tl.maximum on bf16 computes in fp32: cast back)
+    qp = tl.maximum(x, 0.0).to(q_ptr.dtype.element_ty)
+    qn = tl.minimum(x, 0.0).to(q_ptr.dtype.element_ty)
     kv_row = b * HKV + kv
     kmax_kv = kmax_ptr + kv_row * NB * D
     kmin_kv = kmin_ptr + kv_row * NB * D

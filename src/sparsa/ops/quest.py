@@ -20,6 +20,7 @@ import os
 import torch
 from torch import Tensor
 
+from ._fallback import triton_or_reference
 from .vertical_slash import triton_available
 
 # Sampled query rows one program of the scores kernel may hold (its query tile and a key tile's accumulator
@@ -46,7 +47,8 @@ def quest_scores(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Te
     nb = -(-k.shape[2] // block)
     if not isinstance(pieces, int) or pieces < 1 or nb % pieces:
         raise ValueError(f"pieces must be an int >= 1 dividing the {nb} key blocks, got {pieces!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         backend = "triton" if q.is_cuda and triton_available() else "naive"
     if backend not in ("triton", "naive"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
@@ -54,10 +56,17 @@ def quest_scores(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Te
     rows = _pow2(samples) * (1 if per_head else _pow2(group))
     # tl.dot has no float64, and a query block with more sampled rows than one program holds (hundreds: samples
     # far beyond the default 16 with 8 query heads per KV head) would spill registers: PyTorch does those.
-    if backend == "naive" or q.dtype == torch.float64 or rows > _MAX_ROWS:
+    def reference():
         return quest_scores_naive(q, k, block, samples, key_real=key_real, query_real=query_real,
                                   per_head=per_head, pieces=pieces, max_elements=max_elements)
-    return _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, pieces)
+
+    if backend == "naive" or q.dtype == torch.float64 or rows > _MAX_ROWS:
+        return reference()
+
+    def fast():
+        return _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, pieces)
+
+    return triton_or_reference("quest_scores", fast, reference) if auto else fast()
 
 
 def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Tensor, Tensor]:

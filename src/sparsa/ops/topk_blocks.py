@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._fallback import triton_or_reference
+
 
 # Rows wider than this many key blocks (512K tokens in 128-token blocks) take the naive path: the sort of a row
 # lives in one program's registers.
@@ -46,15 +48,24 @@ def topk_blocks(scores: Tensor, topk: int, *, q_len: int, kv_len: int, block: in
     for name, value in (("sink", sink), ("local", local)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    if backend == "auto":
+    auto = backend == "auto"
+    if auto:
         from .vertical_slash import triton_available
 
         backend = "triton" if scores.is_cuda and triton_available() and kb <= MAX_TRITON_BLOCKS else "naive"
-    if backend == "naive":
+
+    def reference():
         return topk_blocks_naive(scores, topk, q_len=q_len, kv_len=kv_len, block=block, sink=sink, local=local)
+
+    if backend == "naive":
+        return reference()
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-    return _topk_blocks_triton(scores, topk, q_len, kv_len, block, sink, local)
+
+    def fast():
+        return _topk_blocks_triton(scores, topk, q_len, kv_len, block, sink, local)
+
+    return triton_or_reference("topk_blocks", fast, reference) if auto else fast()
 
 
 def topk_blocks_naive(scores: Tensor, topk: int, *, q_len: int, kv_len: int, block: int, sink: int = 0,

@@ -1,0 +1,31 @@
+"""One rule for every Triton fast path chosen automatically: a kernel that fails (a compile error on a GPU or
+Triton version the tests never saw) must not take attention down. The op warns once, names the failure, and
+uses its PyTorch reference from then on. An explicit ``backend="triton"`` still raises."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+_failed: dict[str, str] = {}
+
+
+def triton_or_reference(op: str, fast, reference):
+    """``fast()``, or ``reference()`` once ``fast`` has failed for ``op`` in this process."""
+    if op in _failed:
+        return reference()
+    try:
+        return fast()
+    except torch.cuda.OutOfMemoryError:
+        raise  # the reference would not fit either
+    except Exception as error:  # noqa: BLE001 -- any kernel failure: the reference gives the same answer
+        _failed[op] = f"{type(error).__name__}: {str(error)[:300]}"
+        warnings.warn(f"sparsa: the Triton kernel of {op} failed ({_failed[op]}); using the PyTorch reference "
+                      "from now on", stacklevel=3)
+        return reference()
+
+
+def failed_ops() -> dict[str, str]:
+    """The ops whose Triton kernel failed in this process, with the error."""
+    return dict(_failed)
