@@ -126,11 +126,11 @@ class BiFormer(Selector):
 
     topk: int = 16
     block: int = 128
-    # Dense SDPA below this key length, which beats torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200).
-    # Estimation included, against SDPA flash, at the defaults: eager 0.8x at 8K, 5.2x at 32K; with
-    # ``cuda_graph=True`` 1.3x at 8K (0.66x cuDNN) and 2.6x at 16K (1.5x cuDNN), so with graphs
-    # ``dense_below=16384`` pays (BENCHMARKS.md, session 6).
-    dense_below: int = 32768
+    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200) still wins.
+    # Estimation included (Triton: Quest bounds and top-k in three launches), against SDPA flash / cuDNN at the
+    # defaults: 1.79x / 0.92x at 8K, 3.32x / 1.78x at 16K, 6.3x at 32K, 23x at 128K (eager; BENCHMARKS.md,
+    # session 7). ``cuda_graph=True`` no longer pays (1.6x at 8K).
+    dense_below: int = 16384
     #: ``"bound"`` (Quest upper bound of each key block against sampled queries, the default) or ``"mean"``
     #: (the paper's mean-pooled block descriptors); see the module docstring
     scoring: str = "bound"

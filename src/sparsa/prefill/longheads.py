@@ -101,10 +101,10 @@ class LongHeads(Selector):
     #: queries before this position use full attention
     begin_selective_length: int = 4096
     block: int = 128
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200, estimation
-    # included, at the defaults: 0.41x at 8K (0.57x with ``cuda_graph=True``), 1.17x at 16K with graphs, 2.35x at
-    # 32K (BENCHMARKS.md, session 6).
-    dense_below: int = 32768
+    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
+    # Quest bounds in Triton), against SDPA flash / cuDNN at the defaults: 1.25x / 0.64x at 8K, 2.28x / 1.22x at
+    # 16K, 4.3x at 32K, 16.3x at 128K (eager; BENCHMARKS.md, session 7).
+    dense_below: int = 16384
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16
     #: ``"bound"`` (the default: the max over the chunk's ``block``-sized pieces of their Quest upper bound) or
