@@ -81,6 +81,7 @@ def launches():
     """Each op's launches at ref-small's shapes (32 query / 8 KV heads, D = 128, bf16) and a few variants."""
     from sparsa.ops import quest, topk_blocks, vertical_slash
     from sparsa.ops import flex, sale_estimate
+    from sparsa.prefill.hip import HiP
 
     bf = torch.bfloat16
     q = torch.randn(1, 32, 1000, 128, dtype=bf)
@@ -108,7 +109,28 @@ def launches():
     f = lambda *s: torch.rand(*s)  # noqa: E731
     out += record("sparsa.ops._sale_kernels", ["passing_tiles_kernel"], lambda: sale_estimate._passing_tiles_triton(
         qi, f(1, 32, 1000), ki, f(1, 8, 16), f(1, 32, 1000), f(1, 8, 1000), f(1, 32, 1000), 0.088, 64))
+    out += record("sparsa.ops._hip_kernels", ["table_kernel", "search_kernel"], lambda: (
+        hip_select(HiP(), q[:, :, :1].expand(-1, -1, 4096, -1), k[:, :, :1].expand(-1, -1, 4096, -1)),  # defaults
+        hip_select(HiP(block=64, mask_k=256, sliding_window=0), q.float()[:2, :8].expand(2, -1, -1, -1),
+                   k.float()[:, :2].expand(2, -1, -1, -1), real)))  # fp32, padding, no window
     return out
+
+
+def hip_select(sel, q, k, real=None):
+    """``sel.select`` with its search on the Triton path (launches recorded), the pattern from the reference."""
+    from sparsa.ops import hip_search
+
+    saved = hip_search.hip_search
+
+    def both(*args, **kwargs):
+        saved(*args, **{**kwargs, "backend": "triton"})
+        return kwargs["reference"]()
+
+    hip_search.hip_search = both
+    try:
+        sel.select(q, k, key_padding_mask=real)
+    finally:
+        hip_search.hip_search = saved
 
 
 def main() -> int:

@@ -77,9 +77,14 @@ per-query-head one.
 Deviations: the search stops at blocks, not HiP's 1-2 token leaves, and the mask is block-granular; by default
 a node is scored by its keys' Quest bound, not by the paper's centre token (``scoring="centre"`` restores it);
 HiP's random/first-token sampling variants and SparQ low-rank scoring are not implemented; no HiP-specific dense
-layers (``dense_below`` still applies). Estimation is plain PyTorch, batched over batch, heads and query blocks;
-one level holds ``O(B * Lq/block * k * (Hq * samples + Hkv * D))`` numbers (``"bound"``: a few times the
-``Hkv * D`` term, the two windows of every child's ``2 D`` bounds).
+layers (``dense_below`` still applies). Estimation: with ``"bound"`` on CUDA, the sparse table and the whole
+search are two Triton launches (:mod:`sparsa.ops.hip_search`: one program per sequence, KV head and query block,
+every level in registers; ~80 small PyTorch ops before, whose launches cost more than the work at 8K tokens);
+on the CPU, for more than 32 kept blocks or 256 sampled rows per query block, and as the fallback of a failing
+kernel, the PyTorch search below (``_search_bound``, the reference). ``"centre"`` is plain PyTorch. Both PyTorch
+searches are batched over batch, heads and query blocks; one level holds ``O(B * Lq/block * k * (Hq * samples +
+Hkv * D))`` numbers (``"bound"``: a few times the ``Hkv * D`` term, the two windows of every child's ``2 D``
+bounds).
 
 Padding (``key_padding_mask [B, Lk]``, True = real token, e.g. left padding in a batch): a node is represented
 by the centre of its real keys (the span from its first to its last real key; ``"bound"``: the bounds take only
@@ -102,6 +107,7 @@ import torch
 from torch import Tensor
 
 from .._shapes import device_key, shape_constant
+from ..ops import hip_search
 from ..pattern import BlockPattern, last_visible_block
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
@@ -188,8 +194,12 @@ class HiP(Selector):
         """The tree search from ``nodes [B, Hkv, Qb, k, 2]`` (block ranges ``[lo, hi)``, at most ``widest`` blocks
         each): ``levels`` times, halve every node and keep the k best children of each row. Returns the final
         nodes, single blocks or empty."""
-        if self.scoring == "bound":
-            return self._search_bound(q, k, nodes, levels, real, widest)
+        if self.scoring == "bound":  # two Triton launches on CUDA (sparsa.ops.hip_search), else _search_bound
+            lq, lk = q.shape[2], k.shape[2]
+            return hip_search.hip_search(
+                q, k, self._layout("nodes", lq, lk, q.device), levels, block=self.block,
+                samples=self.query_samples, widest=widest, causal=real is not None or self.sliding_window == 0,
+                key_real=real, reference=lambda: self._search_bound(q, k, nodes, levels, real, widest))
         batch, hkv, qb, topk, _ = nodes.shape
         bs, dim = self.block, k.shape[3]
         q_rep, rows = self._query_samples(q, hkv)
