@@ -36,6 +36,8 @@
 #   bash benchmarks/gpu_calls.sh s7-rest        # session 7: the other dynamic methods timed on the stage-6 model
 #   bash benchmarks/gpu_calls.sh s7-triton      # session 7 (x2): Triton estimation (Quest bounds, top-k blocks):
 #                                               # GPU tests and speed on GPU 0, accuracy of biformer/longheads on GPU 1
+#   bash benchmarks/gpu_calls.sh s7-final       # session 7 (x2): hip's tree search in Triton (tests, speed, accuracy),
+#                                               # and time to first token at 8K-32K with each method's own dense_below
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -389,6 +391,24 @@ case "${1:-}" in
       | grep -v Warning >> "$OUT/prefill.txt"
     wait $BP; tail -n 5 "$OUT/bench-triton.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
+  s7-final)  # x2, about 4 minutes: hip's search in Triton; GPU 1 its accuracy, GPU 0 the Triton tests on the device,
+             # hip's speed, then time to first token at 8K-32K with each method's own dense_below (new: 16K for
+             # biformer and longheads), SDPA timed first and last
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 250 $B --methods "dense;hip" --tasks $T \
+       --lengths 8192,16384,32768 --out "$OUT/bench-hip.jsonl" > "$OUT/bench-hip.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_hip_search_op.py \
+      tests/test_prefill_hip.py tests/test_hip_bound.py tests/test_quest_op.py tests/test_topk_blocks_op.py 2>&1 | tail -3
+    timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536,131072 \
+      --methods "dense;hip;hip+graph" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout -s INT 100 python benchmarks/prefill_speed.py --lengths "" --ttft 8192,16384,32768 --own-dense-below \
+      --methods "dense;biformer;longheads;hip;vertical_slash" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning >> "$OUT/prefill.txt"
+    # the sparse path itself in a whole forward pass below 16K (dense_below=0)
+    timeout -s INT 60 python benchmarks/prefill_speed.py --lengths "" --ttft 8192,16384 --methods "dense;biformer" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
+    wait $BP; tail -n 5 "$OUT/bench-hip.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -396,6 +416,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final" >&2
      exit 2 ;;
 esac
