@@ -38,6 +38,7 @@
 #                                               # GPU tests and speed on GPU 0, accuracy of biformer/longheads on GPU 1
 #   bash benchmarks/gpu_calls.sh s7-final       # session 7 (x2): hip's tree search in Triton (tests, speed, accuracy),
 #                                               # and time to first token at 8K-32K with each method's own dense_below
+#   bash benchmarks/gpu_calls.sh s7-profile     # session 7: a whole forward pass of ref-small at 16K profiled (CPU side)
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -409,6 +410,12 @@ case "${1:-}" in
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning >> "$OUT/prefill.txt"
     wait $BP; tail -n 5 "$OUT/bench-hip.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
+  s7-profile)  # one GPU, about 1.5 minutes: why the sparse path of ref-small's forward pass at 8K-16K is slower than
+               # SDPA although each attention call is faster on 32 heads: the CPU side of each call, profiled
+    timeout 200 python benchmarks/profile_forward.py --length 16384 --out "$OUT/profile_forward.txt" \
+      --methods "none;biformer:dense_below=0;hip:dense_below=0" 2>&1 | grep -v Warning | tail -5
+    grep "^## " "$OUT/profile_forward.txt"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -416,6 +423,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final|s7-profile" >&2
      exit 2 ;;
 esac
