@@ -413,7 +413,7 @@ case "${1:-}" in
   s7-profile)  # one GPU, about 1.5 minutes: why the sparse path of ref-small's forward pass at 8K-16K is slower than
                # SDPA although each attention call is faster on 32 heads: the CPU side of each call, profiled
     timeout 200 python benchmarks/profile_forward.py --length 16384 --out "$OUT/profile_forward.txt" \
-      --methods "none;biformer:dense_below=0;hip:dense_below=0" 2>&1 | grep -v Warning | tail -5
+      --methods "${METHODS:-none;biformer:dense_below=0;hip:dense_below=0}" 2>&1 | grep -v Warning | tail -5
     grep "^## " "$OUT/profile_forward.txt"
     ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's

@@ -65,6 +65,7 @@ def profile(model, ids, name: str, passes: int, out):
     stats.disable()
     text = io.StringIO()
     pstats.Stats(stats, stream=text).sort_stats("tottime").print_stats(30)
+    pstats.Stats(stats, stream=text).sort_stats("cumulative").print_stats(70)
     print(text.getvalue(), file=out)
 
 
