@@ -126,10 +126,10 @@ class HiP(Selector):
     #: attention-sink tokens at the start, always computed (key block 0 when ``sink <= block``)
     sink: int = 4
     block: int = 128
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200, estimation
-    # included, at the defaults: 0.33x at 8K (0.60x with ``cuda_graph=True``), 1.22x at 16K with graphs, 2.51x at
-    # 32K (BENCHMARKS.md, session 6).
-    dense_below: int = 32768
+    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
+    # search in Triton), against SDPA flash / cuDNN at the defaults: 0.88x / 0.45x at 8K (1.50x flash with
+    # ``cuda_graph=True``), 3.20x / 1.82x at 16K, 6.1x at 32K, 25x at 128K (eager; BENCHMARKS.md, session 7).
+    dense_below: int = 16384
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
     query_samples: int = 16
     #: how a node is scored: ``"bound"``, the Quest upper bound of its keys, or ``"centre"``, its centre token (the
