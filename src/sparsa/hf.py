@@ -16,7 +16,6 @@ attention modules.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from . import registry
 from .ops.attention import block_sparse_attention
-from .pattern import BlockPattern
+from .pattern import BlockPattern, visible_tiles
 
 NAME = "sparsa"
 # Above this many mask elements (B * Lq * Lk) the dense path stops materialising masks for SDPA and runs
@@ -241,10 +240,9 @@ def _record(records: dict, layer, record: dict) -> None:
 _DEFAULT_STATE = SparsaState()
 
 
-@functools.lru_cache(maxsize=64)
 def _visible_blocks(lq: int, lk: int, block_q: int = 128, block_k: int = 128) -> int:
     """Causally visible tiles: the weight of a layer in the overall density."""
-    return BlockPattern.dense(lq, lk, block_q=block_q, block_k=block_k)._visible_counts(True)[0]
+    return visible_tiles(lq, lk, block_q, block_k, True)
 
 
 

@@ -22,6 +22,8 @@ them (a million entries at 128K tokens with 128-token blocks).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, replace
 
 import torch
@@ -66,6 +68,17 @@ def causal_block_mask(q_len, kv_len, block_q, block_k, device=None) -> Tensor:
         return arange(_cdiv(kv_len, block_k), device)[None, :] <= last[:, None]
 
     return shape_constant(("causal_block_mask", q_len, kv_len, block_q, block_k, device_key(device)), make)
+
+
+@functools.lru_cache(maxsize=256)
+def visible_tiles(q_len: int, kv_len: int, block_q: int, block_k: int, causal: bool = True) -> int:
+    """Tiles per (sequence, head) holding at least one visible (query, key) pair: arithmetic on the lengths, on
+    the host (no device sync)."""
+    qb, kb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
+    if not causal:
+        return qb * kb
+    offset = kv_len - q_len
+    return sum(min((min((r + 1) * block_q, q_len) - 1 + offset) // block_k + 1, kb) for r in range(qb))
 
 
 def arange(n: int, device, dtype=torch.int64) -> Tensor:
@@ -130,8 +143,7 @@ class BlockPattern:
 
     def valid_entries(self) -> Tensor:
         """``[B, H, Qb, K]`` bool: which entries of ``kv_indices`` are in use."""
-        k = torch.arange(self.kv_indices.shape[-1], device=self.device)
-        return k < self.kv_num_blocks[..., None]
+        return arange(self.kv_indices.shape[-1], self.device) < self.kv_num_blocks[..., None]
 
     def to(self, device) -> "BlockPattern":
         full = None if self.kv_full is None else self.kv_full.to(device)
@@ -238,16 +250,12 @@ class BlockPattern:
         return picked / max(float(total), 1.0)
 
     def _visible_counts(self, causal):
-        idx = self.kv_indices.long()
+        # Recorded for every layer of every forward pass: few small kernels (int32 indices compared as they are).
         valid = self.valid_entries()
         if causal:
             last = last_visible_block(self.q_len, self.kv_len, self.block_q, self.block_k, self.device)
-            valid = valid & (idx <= last[:, None])
-            # The visible-tile count is arithmetic on the lengths: computed on the CPU, no device sync.
-            last_cpu = last_visible_block(self.q_len, self.kv_len, self.block_q, self.block_k, "cpu")
-            total = int((last_cpu + 1).clamp(max=self.num_kv_blocks).sum())
-        else:
-            total = self.num_q_blocks * self.num_kv_blocks
+            valid = valid & (self.kv_indices <= last[:, None])
+        total = visible_tiles(self.q_len, self.kv_len, self.block_q, self.block_k, causal)
         return total, valid.sum((-1, -2)).double()
 
     # ------------------------------------------------------------------------------------- combination
