@@ -64,6 +64,21 @@ def test_triton_matches_naive(b, hq, hkv, lq, lk, d, block, samples, pad, per_he
 
 
 @needs_triton
+@needs_triton
+@pytest.mark.parametrize("per_head,pieces", [(False, 1), (True, 2)])
+def test_transposed_views_are_read_in_place(per_head, pieces):
+    """A model hands attention ``[B, L, H, D]`` projections transposed to ``[B, H, L, D]``: the kernels read them
+    through their strides (no copy) and give the contiguous inputs' answer."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 150, 4, 32, generator=g).to(DEVICE).transpose(1, 2)  # [B, Hq, Lq, D], strided
+    k = torch.randn(2, 192, 2, 32, generator=g).to(DEVICE).transpose(1, 2)  # [B, Hkv, Lk, D], 12 blocks
+    assert not q.is_contiguous() and not k.is_contiguous()
+    kw = dict(per_head=per_head, pieces=pieces)
+    want = quest_scores_naive(q.contiguous(), k.contiguous(), 16, 4, **kw)
+    got = quest_scores(q, k, 16, 4, backend="triton", **kw)
+    _assert_same(got, want, 1e-5)
+
+
 @pytest.mark.parametrize("per_head,pieces", [(False, 1), (True, 2)])
 def test_bf16_inputs(per_head, pieces):
     """bf16 q and k: the GPU's kernel takes bf16 dot products with float32 accumulation, the reference a bf16

@@ -19,10 +19,11 @@ import triton.language as tl
 
 
 @triton.jit
-def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, HKV: tl.constexpr, D: tl.constexpr,
-                  BLOCK: tl.constexpr, HAS_REAL: tl.constexpr, TILE: tl.constexpr, ROWS: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """``k [B*HKV, LK, D]`` -> ``kmax``, ``kmin`` ``[B*HKV, NB, D]`` (zero for a block without a real key) and
+def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, s_kb, s_kh, s_kl, HKV: tl.constexpr,
+                  D: tl.constexpr, BLOCK: tl.constexpr, HAS_REAL: tl.constexpr, TILE: tl.constexpr,
+                  ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``k [B, HKV, LK, D]`` (strides ``s_kb, s_kh, s_kl``, unit stride over D: the transposed views a model's
+    attention passes in are read in place) -> ``kmax``, ``kmin`` ``[B*HKV, NB, D]`` (zero for a block without a real key) and
     ``alive [B*HKV, NB]`` int8. ``real [B, LK]`` int8 (1 = real key) when ``HAS_REAL``."""
     bh = tl.program_id(0).to(tl.int64)  # (bh * LK + pos) * D passes 2**31 at batch 4, 8 KV heads, 512K keys
     b = bh // HKV
@@ -38,7 +39,8 @@ def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, HKV: t
         if HAS_REAL:
             ok = ok & (tl.load(real_ptr + b * LK + pos, mask=ok, other=0) != 0)
         ok3 = ok[:, :, None] & (d < D)[None, None, :]
-        x = tl.load(k_ptr + (bh * LK + pos[:, :, None]) * D + d[None, None, :], mask=ok3, other=0.0).to(tl.float32)
+        at = k_ptr + b * s_kb + (bh % HKV) * s_kh + pos.to(tl.int64)[:, :, None] * s_kl + d[None, None, :]
+        x = tl.load(at, mask=ok3, other=0.0).to(tl.float32)
         hi = tl.maximum(hi, tl.max(tl.where(ok3, x, float("-inf")), 1))
         lo = tl.minimum(lo, tl.min(tl.where(ok3, x, float("inf")), 1))
         count += tl.sum(ok.to(tl.int32), 1)
@@ -85,12 +87,13 @@ def _score_tile(qp, qn, row_ok, kmax_kv, kmin_kv, alive_kv, out_h, q0, t, QB, NB
 
 @triton.jit
 def scores_kernel(q_ptr, rows_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, out_ptr, LQ, QB, NB, NOUT, n_tiles,
+                  s_qb, s_qh, s_ql,
                   HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, SAMPLES: tl.constexpr,
                   PIECES: tl.constexpr, PER_HEAD: tl.constexpr, HAS_REAL: tl.constexpr, D: tl.constexpr,
                   BLOCK_D: tl.constexpr, QT: tl.constexpr, G_P2: tl.constexpr, S_P2: tl.constexpr,
                   PIECES_P2: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, STATIC_LOOP: tl.constexpr,
                   N_LOOP: tl.constexpr):
-    """``out [B * H, QB, NOUT]`` float32 (H = HQ when ``PER_HEAD``, else HKV) from ``q [B*HQ, LQ, D]``, the
+    """``out [B * H, QB, NOUT]`` float32 (H = HQ when ``PER_HEAD``, else HKV) from ``q [B, HQ, LQ, D]`` (strides ``s_qb, s_qh, s_ql``, unit over D), the
     sampled local rows ``rows [QB, SAMPLES]`` (int64), ``real [B, LQ]`` int8 (1 = real query) when
     ``HAS_REAL``, and ``bounds_kernel``'s outputs. ``N_LOOP``: the key loop's static bound under the
     interpreter (unused otherwise)."""
@@ -117,7 +120,7 @@ def scores_kernel(q_ptr, rows_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, out_
     if HAS_REAL:
         row_ok = row_ok & (tl.load(real_ptr + b * LQ + pos, mask=row_ok, other=0) != 0)
     d = tl.arange(0, BLOCK_D)
-    x = tl.load(q_ptr + ((b * HQ + head0 + g) * LQ + pos)[:, None] * D + d[None, :],
+    x = tl.load(q_ptr + (b * s_qb + (head0 + g) * s_qh + pos * s_ql)[:, None] + d[None, :],
                 mask=row_ok[:, None] & (d < D)[None, :], other=0.0)
     # kept in q's dtype for the tensor cores, fp32 accumulation (tl.maximum on bf16 computes in fp32: cast back)
     qp = tl.maximum(x, 0.0).to(q_ptr.dtype.element_ty)

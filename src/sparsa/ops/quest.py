@@ -163,7 +163,9 @@ def _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, p
         # Triton's CPU interpreter computes bf16 dot products wrongly (NumPy has no bf16), and the PyTorch path
         # works in float32 on the CPU anyway.
         q, k = q.float(), k.float()
-    q, k = q.contiguous(), k.contiguous()
+    # The kernels read any [B, H, L, D] layout with unit stride over D (a model's q and k are transposed views):
+    # no copy of q or k per call.
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     block_d = max(16, _pow2(dim))
     # Kernel 1: per key block its max / min in q's dtype (exact for keys of that dtype), zero for blocks of
     # padding only (so no 0 * inf reaches the dot), and whether the block has a real key.
@@ -177,8 +179,8 @@ def _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, p
     tile = min(max(1, budget // (rows_k * block_d)), _pow2(nb))
     key_real = _flags(key_real, k)
     bounds_kernel[(batch * hkv, -(-nb // tile))](
-        k, key_real, kmax, kmin, alive, lk, nb, HKV=hkv, D=dim, BLOCK=block, HAS_REAL=key_real is not k,
-        TILE=tile, ROWS=rows_k, BLOCK_D=block_d)
+        k, key_real, kmax, kmin, alive, lk, nb, *k.stride()[:3], HKV=hkv, D=dim, BLOCK=block,
+        HAS_REAL=key_real is not k, TILE=tile, ROWS=rows_k, BLOCK_D=block_d)
     # Kernel 2: a program holds QT query blocks' sampled rows (x every query head of the group unless
     # per_head) and walks all key blocks BLOCK_N at a time, BLOCK_N = BLOCK_C output columns x PIECES_P2.
     s_p2 = _pow2(samples)
@@ -193,7 +195,7 @@ def _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, p
     n_tiles = -(-n_out // block_c)
     query_real = _flags(query_real, q)
     scores_kernel[(batch * heads, -(-qb // qt))](
-        q, rows.reshape(-1), query_real, kmax, kmin, alive, out, lq, qb, nb, n_out, n_tiles,
+        q, rows.reshape(-1), query_real, kmax, kmin, alive, out, lq, qb, nb, n_out, n_tiles, *q.stride()[:3],
         HQ=hq, HKV=hkv, GROUP=group, SAMPLES=samples, PIECES=pieces, PER_HEAD=per_head,
         HAS_REAL=query_real is not q, D=dim, BLOCK_D=block_d, QT=qt, G_P2=g_p2, S_P2=s_p2, PIECES_P2=pieces_p2,
         BLOCK_C=block_c, IEEE=q.dtype == torch.float32, STATIC_LOOP=interpret,
