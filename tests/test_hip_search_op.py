@@ -111,3 +111,18 @@ def test_auto_on_cpu_and_large_searches_use_the_reference():
     assert hip_search.hip_search(q.float(), k.float(), wide, 1, backend="triton", **kw) == "reference"
     with pytest.raises(ValueError, match="backend must be"):
         hip_search.hip_search(q, k, nodes, 1, backend="cuda", **kw)
+
+
+@needs_triton
+def test_transposed_views_are_read_in_place(monkeypatch):
+    """A model's q and k arrive as ``[B, L, H, D]`` projections transposed to ``[B, H, L, D]``: the kernels read
+    them through their strides (no copy) and keep the reference's pattern."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 100, 4, 32, generator=g).to(DEVICE).transpose(1, 2)
+    k = torch.randn(2, 333, 2, 32, generator=g).to(DEVICE).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    real = torch.ones(2, 333, dtype=torch.bool, device=DEVICE)
+    real[-1, :150] = False
+    got = _both(monkeypatch, HiP(block=16, mask_k=48, sliding_window=16, sink=4, query_samples=5), q, k, real)
+    assert torch.equal(got["triton"][0].kv_indices, got["naive"][0].kv_indices)
+    assert torch.equal(got["triton"][0].kv_num_blocks, got["naive"][0].kv_num_blocks)

@@ -24,8 +24,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _table_level0(k_ptr, real_ptr, kmax_ptr, kmin_ptr, bh, b, row0, t, LK, KB, D: tl.constexpr, BLOCK: tl.constexpr,
-                  HAS_REAL: tl.constexpr, DT: tl.constexpr, TB: tl.constexpr, ROWS: tl.constexpr, d, d_ok):
+def _table_level0(k_head, s_kl, real_ptr, kmax_ptr, kmin_ptr, b, row0, t, LK, KB, D: tl.constexpr,
+                  BLOCK: tl.constexpr, HAS_REAL: tl.constexpr, DT: tl.constexpr, TB: tl.constexpr,
+                  ROWS: tl.constexpr, d, d_ok):
     """Level 0 for key blocks ``[t * TB, (t + 1) * TB)``: max / min over each block's real keys (``-inf`` /
     ``+inf`` for a block without one, as the PyTorch table)."""
     c = t * TB + tl.arange(0, TB)
@@ -38,7 +39,7 @@ def _table_level0(k_ptr, real_ptr, kmax_ptr, kmin_ptr, bh, b, row0, t, LK, KB, D
         if HAS_REAL:
             ok = ok & (tl.load(real_ptr + b * LK + pos, mask=ok, other=0) != 0)
         ok3 = ok[:, :, None] & d_ok[None, None, :]
-        x = tl.load(k_ptr + (bh * LK + pos[:, :, None]) * D + d[None, None, :], mask=ok3, other=0.0)
+        x = tl.load(k_head + pos.to(tl.int64)[:, :, None] * s_kl + d[None, None, :], mask=ok3, other=0.0)
         x = x.to(tl.float32)
         hi = tl.maximum(hi, tl.max(tl.where(ok3, x, float("-inf")), 1))
         lo = tl.minimum(lo, tl.min(tl.where(ok3, x, float("inf")), 1))
@@ -64,10 +65,12 @@ def _table_level(kmax_ptr, kmin_ptr, row0, j, t, KB, D: tl.constexpr, TB: tl.con
 
 
 @triton.jit
-def table_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, LK, KB, n_tiles, HKV: tl.constexpr, D: tl.constexpr,
+def table_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, LK, KB, n_tiles, s_kb, s_kh, s_kl, HKV: tl.constexpr,
+                 D: tl.constexpr,
                  BLOCK: tl.constexpr, LEVELS: tl.constexpr, HAS_REAL: tl.constexpr, DT: tl.constexpr,
                  TB: tl.constexpr, ROWS: tl.constexpr, STATIC_LOOP: tl.constexpr, N_LOOP: tl.constexpr):
-    """``k [B*HKV, LK, D]`` -> ``kmax``, ``kmin`` ``[B*HKV, LEVELS * KB, D]`` in k's dtype (exact: a max of keys is
+    """``k [B, HKV, LK, D]`` (strides ``s_kb, s_kh, s_kl``, unit over D: a model's transposed keys are read in
+    place) -> ``kmax``, ``kmin`` ``[B*HKV, LEVELS * KB, D]`` in k's dtype (exact: a max of keys is
     a key), level ``j`` at rows ``j * KB + c`` covering blocks ``c .. c + 2^j - 1``. ``real [B, LK]`` int8 (1 =
     real key) when ``HAS_REAL``. ``n_tiles = ceil(KB / TB)``."""
     bh = tl.program_id(0).to(tl.int64)
@@ -75,14 +78,15 @@ def table_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, LK, KB, n_tiles, HKV: tl.c
     d = tl.program_id(1) * DT + tl.arange(0, DT)
     d_ok = d < D
     row0 = bh * LEVELS * KB  # this sequence and head's first table row
+    k_head = k_ptr + b * s_kb + (bh % HKV) * s_kh
     if STATIC_LOOP:
         for t in range(0, N_LOOP):
-            _table_level0(k_ptr, real_ptr, kmax_ptr, kmin_ptr, bh, b, row0, t, LK, KB, D, BLOCK, HAS_REAL, DT, TB,
-                          ROWS, d, d_ok)
+            _table_level0(k_head, s_kl, real_ptr, kmax_ptr, kmin_ptr, b, row0, t, LK, KB, D, BLOCK, HAS_REAL, DT,
+                          TB, ROWS, d, d_ok)
     else:
         for t in range(0, n_tiles):
-            _table_level0(k_ptr, real_ptr, kmax_ptr, kmin_ptr, bh, b, row0, t, LK, KB, D, BLOCK, HAS_REAL, DT, TB,
-                          ROWS, d, d_ok)
+            _table_level0(k_head, s_kl, real_ptr, kmax_ptr, kmin_ptr, b, row0, t, LK, KB, D, BLOCK, HAS_REAL, DT,
+                          TB, ROWS, d, d_ok)
     for j in tl.static_range(1, LEVELS):
         tl.debug_barrier()  # level j - 1 (this program's dims only) is written before it is read
         if STATIC_LOOP:
@@ -95,16 +99,17 @@ def table_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, LK, KB, n_tiles, HKV: tl.c
 
 @triton.jit
 def search_kernel(q_ptr, rows_ptr, real_ptr, nodes_ptr, kmax_ptr, kmin_ptr, out_ptr, LQ, LK, KB, TOPK,
-                  HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, SAMPLES: tl.constexpr,
+                  s_qb, s_qh, s_ql, HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, SAMPLES: tl.constexpr,
                   BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, S_P2: tl.constexpr,
                   G_P2: tl.constexpr, K_P2: tl.constexpr, LEVELS: tl.constexpr, TABLE_LEVELS: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_REAL: tl.constexpr, IEEE: tl.constexpr):
     """``LEVELS`` levels of the search for query block ``program_id(1)`` of sequence / KV head ``program_id(0)``.
 
-    ``q [B*HQ, LQ, D]`` (the last ``LQ`` of ``LK`` positions); ``rows [QB, SAMPLES]`` int64, the sampled local query
-    rows; ``real [B, LK]`` int8 (1 = real) when ``HAS_REAL``; ``nodes [QB, TOPK, 2]`` int64, the initial block
-    ranges ``[lo, hi)``; ``kmax`` / ``kmin`` from ``table_kernel`` (``TABLE_LEVELS`` levels). Writes ``out [B*HKV,
-    QB, TOPK, 2]`` int64, the kept ``[lo, hi)`` after the last level, best first.
+    ``q [B, HQ, LQ, D]`` (strides ``s_qb, s_qh, s_ql``, unit over D; the last ``LQ`` of ``LK`` positions);
+    ``rows [QB, SAMPLES]`` int64, the sampled local query rows; ``real [B, LK]`` int8 (1 = real) when
+    ``HAS_REAL``; ``nodes [QB, TOPK, 2]`` int64, the initial block ranges ``[lo, hi)``; ``kmax`` / ``kmin`` from
+    ``table_kernel`` (``TABLE_LEVELS`` levels). Writes ``out [B*HKV, QB, TOPK, 2]`` int64, the kept ``[lo, hi)``
+    after the last level, best first.
     ``CAUSAL``: a sample scores only the children whose first block it sees (no window block before the diagonal,
     or padding)."""
     C: tl.constexpr = 2 * K_P2  # children slots, child 2i + side of node slot i
@@ -124,7 +129,7 @@ def search_kernel(q_ptr, rows_ptr, real_ptr, nodes_ptr, kmax_ptr, kmin_ptr, out_
     q_blk = key_pos // BLOCK
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    x = tl.load(q_ptr + ((b * HQ + kv * GROUP + g) * LQ + pos)[:, None] * D + d[None, :],
+    x = tl.load(q_ptr + (b * s_qb + (kv * GROUP + g) * s_qh + pos * s_ql)[:, None] + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     dtype = q_ptr.dtype.element_ty
     # kept in q's dtype for the tensor cores, fp32 accumulation (tl.maximum on bf16 computes in fp32: cast back)

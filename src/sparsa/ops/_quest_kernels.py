@@ -23,8 +23,8 @@ def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, s_kb, 
                   D: tl.constexpr, BLOCK: tl.constexpr, HAS_REAL: tl.constexpr, TILE: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """``k [B, HKV, LK, D]`` (strides ``s_kb, s_kh, s_kl``, unit stride over D: the transposed views a model's
-    attention passes in are read in place) -> ``kmax``, ``kmin`` ``[B*HKV, NB, D]`` (zero for a block without a real key) and
-    ``alive [B*HKV, NB]`` int8. ``real [B, LK]`` int8 (1 = real key) when ``HAS_REAL``."""
+    attention passes in are read in place) -> ``kmax``, ``kmin`` ``[B*HKV, NB, D]`` (zero for a block without a
+    real key) and ``alive [B*HKV, NB]`` int8. ``real [B, LK]`` int8 (1 = real key) when ``HAS_REAL``."""
     bh = tl.program_id(0).to(tl.int64)  # (bh * LK + pos) * D passes 2**31 at batch 4, 8 KV heads, 512K keys
     b = bh // HKV
     c = tl.program_id(1) * TILE + tl.arange(0, TILE)  # key blocks
@@ -93,7 +93,8 @@ def scores_kernel(q_ptr, rows_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, out_
                   BLOCK_D: tl.constexpr, QT: tl.constexpr, G_P2: tl.constexpr, S_P2: tl.constexpr,
                   PIECES_P2: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr, STATIC_LOOP: tl.constexpr,
                   N_LOOP: tl.constexpr):
-    """``out [B * H, QB, NOUT]`` float32 (H = HQ when ``PER_HEAD``, else HKV) from ``q [B, HQ, LQ, D]`` (strides ``s_qb, s_qh, s_ql``, unit over D), the
+    """``out [B * H, QB, NOUT]`` float32 (H = HQ when ``PER_HEAD``, else HKV) from ``q [B, HQ, LQ, D]`` (strides
+    ``s_qb, s_qh, s_ql``, unit over D), the
     sampled local rows ``rows [QB, SAMPLES]`` (int64), ``real [B, LQ]`` int8 (1 = real query) when
     ``HAS_REAL``, and ``bounds_kernel``'s outputs. ``N_LOOP``: the key loop's static bound under the
     interpreter (unused otherwise)."""

@@ -93,7 +93,9 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
         # Triton's CPU interpreter computes bf16 dot products wrongly (NumPy has no bf16), and the PyTorch path
         # works in float32 anyway; mixed dtypes meet in float32.
         q, k = q.float(), k.float()
-    q, k = q.contiguous(), k.contiguous()
+    # The kernels read any [B, H, L, D] layout with unit stride over D (a model's q and k are transposed views):
+    # no copy of q or k per call.
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     real = None if key_real is None else key_real.to(device=q.device, dtype=torch.bool).contiguous().view(torch.int8)
     block_d = max(16, _pow2(dim))
 
@@ -108,8 +110,8 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
     tb = min(max(1, 4096 // (rows_k * dt)), _pow2(kb))
     n_tiles = -(-kb // tb)
     table_kernel[(batch * hkv, -(-dim // dt))](
-        k, k if real is None else real, kmax, kmin, lk, kb, n_tiles, HKV=hkv, D=dim, BLOCK=block, LEVELS=n_levels,
-        HAS_REAL=real is not None, DT=dt, TB=tb, ROWS=rows_k, STATIC_LOOP=interpret,
+        k, k if real is None else real, kmax, kmin, lk, kb, n_tiles, *k.stride()[:3], HKV=hkv, D=dim, BLOCK=block,
+        LEVELS=n_levels, HAS_REAL=real is not None, DT=dt, TB=tb, ROWS=rows_k, STATIC_LOOP=interpret,
         N_LOOP=n_tiles if interpret else 0)
 
     # Launch 2: the search, one program per (sequence x KV head, query block). At least 16 sample rows and 32
@@ -122,7 +124,7 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
     # rows x D = 128: bf16 at 4 warps 128 registers, no spill; fp32 ~300 bytes of spills at 8 warps, more at 4 or 16)
     ieee = q.dtype == torch.float32
     search_kernel[(batch * hkv, qb)](
-        q, rows, q if real is None else real, nodes.contiguous(), kmax, kmin, out, lq, lk, kb, topk,
+        q, rows, q if real is None else real, nodes.contiguous(), kmax, kmin, out, lq, lk, kb, topk, *q.stride()[:3],
         HQ=hq, HKV=hkv, GROUP=group, SAMPLES=samples, BLOCK=block, D=dim, BLOCK_D=block_d, S_P2=s_p2, G_P2=g_p2,
         K_P2=k_p2, LEVELS=levels, TABLE_LEVELS=n_levels, CAUSAL=causal, HAS_REAL=real is not None,
         IEEE=ieee, num_warps=8 if ieee or s_p2 * g_p2 * block_d > 8192 else 4)
