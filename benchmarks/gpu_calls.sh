@@ -39,6 +39,8 @@
 #   bash benchmarks/gpu_calls.sh s7-final       # session 7 (x2): hip's tree search in Triton (tests, speed, accuracy),
 #                                               # and time to first token at 8K-32K with each method's own dense_below
 #   bash benchmarks/gpu_calls.sh s7-profile     # session 7: a whole forward pass of ref-small at 16K profiled (CPU side)
+#   bash benchmarks/gpu_calls.sh s7-last        # session 7 (x2): vertical_slash / flexprefill selection in Triton,
+#                                               # q/k read in place; GPU tests, speed, their accuracy on GPU 1
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -416,6 +418,20 @@ case "${1:-}" in
       --methods "${METHODS:-none;biformer:dense_below=0;hip:dense_below=0}" 2>&1 | grep -v Warning | tail -5
     grep "^## " "$OUT/profile_forward.txt"
     ;;
+  s7-last)  # x2, about 4 minutes: vertical_slash's and flexprefill's block selection in Triton, the Quest and HiP
+            # kernels reading q/k through their strides. GPU 1: vertical_slash and flexprefill accuracy; GPU 0: the
+            # Triton ops' tests on the device, then every Triton-estimated method timed, and ref-small's TTFT
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 280 $B --methods "dense;vertical_slash;flexprefill" --tasks $T \
+       --lengths 8192,16384,32768 --out "$OUT/bench-vs.jsonl" > "$OUT/bench-vs.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 120 python -m pytest -q -x -p no:cacheprovider tests/test_vertical_slash_blocks_op.py \
+      tests/test_quest_op.py tests/test_hip_search_op.py tests/test_topk_blocks_op.py tests/test_prefill_dynamic.py \
+      2>&1 | tail -3
+    timeout -s INT 260 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 32768,65536,131072 \
+      --methods "dense;biformer;hip;longheads;vertical_slash;flexprefill" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning > "$OUT/prefill.txt"
+    wait $BP; tail -n 6 "$OUT/bench-vs.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -423,6 +439,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final|s7-profile" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final|s7-profile|s7-last" >&2
      exit 2 ;;
 esac
