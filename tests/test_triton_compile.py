@@ -16,7 +16,7 @@ def test_kernels_compile_for_sm90():
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     done = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") >= 16  # every recorded launch compiled
+    assert done.stdout.count("ok ") >= 22  # every recorded launch compiled
 
 
 def test_failed_kernel_falls_back_to_the_reference_once():

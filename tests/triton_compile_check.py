@@ -53,6 +53,11 @@ def signature(kernel, args, kwargs):
             sig[param.name] = "*" + TYPES[value.dtype]
         elif isinstance(value, bool):
             sig[param.name] = "i1"
+        elif isinstance(value, int) and value == 1:
+            # Triton's launcher turns an int argument equal to 1 into a constant (a sink or a head count of 1,
+            # say), so the kernel is compiled with it folded in: compile it that way here too.
+            sig[param.name] = "constexpr"
+            constexprs[(i,)] = 1
         elif isinstance(value, int):
             sig[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
         elif isinstance(value, float):
@@ -79,7 +84,7 @@ def record(module: str, names: list[str], run) -> list:
 
 def launches():
     """Each op's launches at ref-small's shapes (32 query / 8 KV heads, D = 128, bf16) and a few variants."""
-    from sparsa.ops import quest, topk_blocks, vertical_slash
+    from sparsa.ops import quest, topk_blocks, vertical_slash, vertical_slash_blocks
     from sparsa.ops import flex, sale_estimate
     from sparsa.prefill.hip import HiP
 
@@ -97,6 +102,14 @@ def launches():
     out += record("sparsa.ops._topk_kernels", ["topk_rows_kernel"], lambda: (
         topk_blocks._topk_blocks_triton(scores, 4, 1000, 1000, 128, 1, 2),
         topk_blocks._topk_blocks_triton(torch.randn(1, 8, 1, 1019), 16, 100, 130396, 128, 1, 2)))
+    lines = torch.rand(1, 32, 32)  # column / band scores of 32 query heads over 4K keys in 128-token blocks
+    budgets = torch.randint(8, 33, (1, 32, 1))  # FlexPrefill's per-head budgets (int64 [B, H, 1])
+    out += record("sparsa.ops._vs_select_kernels", ["select_lines_kernel", "tiles_kernel"], lambda: (
+        vertical_slash_blocks._vertical_slash_blocks_triton(lines, lines, 8, 32, 1, 1, 4096, 4096, 128, None),
+        vertical_slash_blocks._vertical_slash_blocks_triton(lines, lines.bfloat16(), budgets, budgets, 0, 0, 4096,
+                                                            4096, 128, torch.rand(1, 32, 32, 32) < 0.1),
+        vertical_slash_blocks._vertical_slash_blocks_triton(torch.rand(1, 8, 1019), torch.rand(1, 8, 1019), 8, 48,
+                                                            1, 1, 100, 130396, 128, None)))  # chunked, wide rows
     num = torch.ones(1, 8, 8, dtype=torch.int32)
     idx = torch.zeros(1, 8, 8, 8, dtype=torch.int32)
     out += record("sparsa.ops._split_kernels", ["split_rows_kernel"], lambda: flex.split_lists_triton(

@@ -66,8 +66,8 @@ def sample_rows(q_len: int, block: int, samples: int, device) -> Tensor:
 
 def top_indices(scores: Tensor, count: Tensor | int, forced: int = 0) -> Tensor:
     """Bool ``[..., N]``: the ``count`` highest entries per row (``count`` broadcastable), plus the first
-    ``forced`` entries always."""
-    rank = rank_of(torch.argsort(scores, dim=-1, descending=True))
+    ``forced`` entries always. Ties go to the lower index (a stable sort), as in sparsa.ops.vertical_slash_blocks."""
+    rank = rank_of(torch.argsort(scores, dim=-1, descending=True, stable=True))
     if isinstance(count, Tensor):
         while count.dim() < scores.dim():
             count = count.unsqueeze(-1)

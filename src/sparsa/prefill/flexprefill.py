@@ -31,10 +31,11 @@ import torch
 from torch import Tensor
 
 from .._shapes import device_key, shape_constant
+from ..ops.vertical_slash_blocks import vertical_slash_blocks
 from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import band_tiles, force_sink_and_diagonal, group_queries, pool_blocks, probe_scores, rank_of
+from .estimate import group_queries, pool_blocks, probe_scores
 
 
 @register("prefill", "flexprefill")
@@ -75,20 +76,22 @@ class FlexPrefill(Selector):
         v_blocks = pool_blocks(vertical, lk, bs)
         pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
         query_aware = self._js_distance(q, pooled_k, v_blocks, scale) < self.tau  # [B, Hq]
-        s_sorted, s_order = torch.sort(s_blocks, dim=-1, descending=True)  # for both the budget and the ranking
+        s_sorted = torch.sort(s_blocks, dim=-1, descending=True).values
         n_v, n_s = self._budgets(vertical, s_sorted, query_aware)
-        v_order = torch.argsort(v_blocks, dim=-1, descending=True)
-        tiles = band_tiles(rank_of(v_order) < n_v, rank_of(s_order) < n_s, lq, lk, bs)
         # The query-aware map is built for every head, not only once the device says that some head needs it:
         # asking is a host sync per layer (and a graph break under torch.compile). On layers with no query-aware
         # head the map is wasted: a sort of Qb x Kb entries per head (at 128K tokens a few percent of dense
         # attention in a one-off check on the H200, not in BENCHMARKS.md), memory a layer with one such head
         # needs anyway.
         # tau = 0 makes no head query-aware (the distance is >= 0): then it is skipped.
+        extra = None
         if self.tau > 0:
-            tiles = tiles | (self._query_aware_tiles(q, pooled_k, lk, scale) & query_aware[..., None, None])
-        tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
-        return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
+            extra = self._query_aware_tiles(q, pooled_k, lk, scale) & query_aware[..., None, None]
+        # Top key blocks and bands within each head's budgets, their tiles, the query-aware map, the sink and the
+        # diagonal, compacted into index lists: two Triton launches on CUDA.
+        num, idx = vertical_slash_blocks(v_blocks, s_blocks, n_v, n_s, q_len=lq, kv_len=lk, block=bs,
+                                         extra_tiles=extra)
+        return BlockPattern(num, idx, bs, bs, lq, lk)
 
     def _budgets(self, vertical: Tensor, s_sorted: Tensor, query_aware: Tensor) -> tuple[Tensor, Tensor]:
         """How many vertical blocks and slash bands each head keeps ``[B, Hq, 1]``: enough to cover ``gamma``

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 
 from .._shapes import device_key, shape_constant
+from ..ops.vertical_slash_blocks import vertical_slash_blocks
 from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import band_tiles, force_sink_and_diagonal, pool_blocks, probe_scores, top_indices
+from .estimate import pool_blocks, probe_scores
 
 
 @register("prefill", "vertical_slash")
@@ -60,9 +61,9 @@ class VerticalSlash(Selector):
                                  lambda: torch.arange(lq - n_probe, lq, device=q.device, dtype=torch.int32))
         vertical, bands = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]), key_padding_mask,
                                        slash_block=bs)
-        columns = top_indices(pool_blocks(vertical, lk, bs), min(-(-self.vertical_size // bs), kb),
-                              forced=-(-self.sink_columns // bs))
-        diagonals = top_indices(bands, min(-(-self.slash_size // bs), kb), forced=-(-self.local_diagonals // bs))
-        tiles = band_tiles(columns, diagonals, lq, lk, bs)
-        tiles = force_sink_and_diagonal(tiles, lq, lk, bs, bs)
-        return BlockPattern.from_block_mask(tiles, q_len=lq, kv_len=lk, block_q=bs)
+        # Top key blocks and bands, their tiles, the sink and the diagonal, compacted into index lists: two
+        # Triton launches on CUDA (about twenty-five small PyTorch ops otherwise, ~1.4 ms at 32K on the H200).
+        num, idx = vertical_slash_blocks(pool_blocks(vertical, lk, bs), bands, min(-(-self.vertical_size // bs), kb),
+                                         min(-(-self.slash_size // bs), kb), forced_columns=-(-self.sink_columns // bs),
+                                         forced_bands=-(-self.local_diagonals // bs), q_len=lq, kv_len=lk, block=bs)
+        return BlockPattern(num, idx, bs, bs, lq, lk)
