@@ -41,6 +41,7 @@
 #   bash benchmarks/gpu_calls.sh s7-profile     # session 7: a whole forward pass of ref-small at 16K profiled (CPU side)
 #   bash benchmarks/gpu_calls.sh s7-last        # session 7 (x2): vertical_slash / flexprefill selection in Triton,
 #                                               # q/k read in place; GPU tests, speed, their accuracy on GPU 1
+#   bash benchmarks/gpu_calls.sh s7-check       # session 7: the Triton op tests on the device; 8K alone on one GPU
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -432,6 +433,14 @@ case "${1:-}" in
       | grep -v Warning > "$OUT/prefill.txt"
     wait $BP; tail -n 6 "$OUT/bench-vs.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
+  s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
+             # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)
+    TRITON_INTERPRET=0 timeout 100 python -m pytest -q -p no:cacheprovider tests/test_vertical_slash_blocks_op.py \
+      tests/test_quest_op.py tests/test_hip_search_op.py tests/test_topk_blocks_op.py 2>&1 | tail -2
+    timeout -s INT 90 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+      --methods "dense;biformer;longheads;hip;vertical_slash" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning | cut -c1-150 | grep "method"
+    ;;
   train-s6)  # nvidia-h200-x2, about 8.5 minutes, not yet run: ref-small stage 6, 4K -> 32K at lr 4e-4 with stage 5's
               # mix, to win back 32K (stage 5 trained to 16K only). Adopt only if 16K holds (multi-key >= 0.90).
     timeout 580 python -m torch.distributed.run --nproc_per_node 2 -m sparsa.models.train --config ref-small-stage6 \
@@ -439,6 +448,6 @@ case "${1:-}" in
     grep -v "step=" "$OUT/small.log" | tail -12
     (cd /tmp/m && tar cf - ref-small | split -b 15m - "$OUT/ref-small.tar.part-")
     ;;
-  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final|s7-profile|s7-last" >&2
+  *) echo "usage: $0 train-kernels|check-speed|bench-speed|next|train-next|bench-next|overhead|train-ddp|verify|blocks|bench-final|s4-speed|s4-bench|s4|s4-fill|s4-final|train-s5|s5-bound|s5-bench|s5-speed|s5-profile|s5-b128|s6-bench|s6-speed|train-s6|s6-final|s6-defaults|s6-fallback|s6-hyper|s7-budget|s7-rest|s7-triton|s7-final|s7-profile|s7-last|s7-check" >&2
      exit 2 ;;
 esac
