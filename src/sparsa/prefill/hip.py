@@ -127,7 +127,7 @@ class HiP(Selector):
     sink: int = 4
     block: int = 128
     # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
-    # search in Triton), against SDPA flash / cuDNN at the defaults: 0.88x / 0.45x at 8K (1.50x flash with
+    # search in Triton), against SDPA flash / cuDNN at the defaults: 0.86-0.96x / 0.45-0.5x at 8K (1.50x flash with
     # ``cuda_graph=True``), 3.20x / 1.82x at 16K, 6.1x at 32K, 25x at 128K (eager; BENCHMARKS.md, session 7).
     dense_below: int = 16384
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
