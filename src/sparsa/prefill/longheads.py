@@ -102,8 +102,8 @@ class LongHeads(Selector):
     begin_selective_length: int = 4096
     block: int = 128
     # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
-    # Quest bounds in Triton), against SDPA flash / cuDNN at the defaults: 0.8-1.25x / 0.4-0.64x at 8K, 2.28x / 1.22x at
-    # 16K, 4.3x at 32K, 16.3x at 128K (eager; BENCHMARKS.md, session 7).
+    # Quest bounds in Triton), against SDPA flash / cuDNN at the defaults: 0.8-1.25x / 0.4-0.64x at 8K,
+    # 2.28x / 1.22x at 16K, 4.3x at 32K, 16.3x at 128K (eager; BENCHMARKS.md, session 7).
     dense_below: int = 16384
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16
