@@ -8,6 +8,8 @@ compile-time size), so a new prompt length recompiles only when the block count 
 import triton
 import triton.language as tl
 
+from ._compact import store_row
+
 
 @triton.jit
 def topk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, s_b, s_h, s_q, H, TOPK, BQ, BK, Q_LEN, OFFSET,
@@ -39,9 +41,4 @@ def topk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, s_b, s_h, s_q, H, TOPK
     else:
         picked = candidate
     keep = picked | forced | (j == tl.minimum(last, KB - 1))
-    count = tl.sum(keep.to(tl.int32), 0)
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    base = row * KB
-    tl.store(idx_ptr + base + j, tl.zeros([KB_P2], tl.int32), mask=in_row & (j >= count))
-    tl.store(idx_ptr + base + slot, j.to(tl.int32), mask=keep)
-    tl.store(num_ptr + row, count)
+    store_row(keep, j, idx_ptr, num_ptr, row, KB, KB_P2)

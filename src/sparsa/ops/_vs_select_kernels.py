@@ -10,6 +10,8 @@ crosses one.
 import triton
 import triton.language as tl
 
+from ._compact import store_row
+
 
 @triton.jit
 def _top_flags(s, j, in_row, count, forced, KB, KB_P2: tl.constexpr):
@@ -78,9 +80,4 @@ def tiles_kernel(col_flag_ptr, band_flag_ptr, extra_ptr, num_ptr, idx_ptr, QB, K
         keep |= tl.load(extra_ptr + row * KB + j, mask=in_row, other=0) != 0
     # the sink block and the diagonal block: no query is left without a key
     keep |= in_row & ((j == 0) | (j == last))
-    count = tl.sum(keep.to(tl.int32), 0)
-    slot = tl.cumsum(keep.to(tl.int32), 0) - 1
-    base = row * KB
-    tl.store(idx_ptr + base + j, tl.zeros([KB_P2], tl.int32), mask=in_row & (j >= count))
-    tl.store(idx_ptr + base + slot, j.to(tl.int32), mask=keep)
-    tl.store(num_ptr + row, count)
+    store_row(keep, j, idx_ptr, num_ptr, row, KB, KB_P2)
