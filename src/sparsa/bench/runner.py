@@ -201,12 +201,13 @@ def run_cell(model, tokenizer, cell: Cell, samples: list[dict], batch_size: int)
 
 @torch.no_grad()
 def prefill_ms(model, tokenizer, batch, reps: int = 3) -> float:
-    """Median milliseconds of one prefill forward pass of the cell's first prompt (B=1, as generate() runs it),
-    timed after generate() has warmed the method up: the cell's speed against dense on the same input, free of
-    decoding and first-call compilation."""
+    """Median milliseconds of one prefill forward pass of the cell's first prompt (B=1): the cell's speed against
+    dense on the same input, free of decoding and first-call compilation. One untimed pass first: generate()
+    ran the batch's shape, and a new shape can compile (FlexAttention, Triton) on its first call."""
     enc = tokenizer([s["prompt"] for s in batch], return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    model(**enc, use_cache=True, logits_to_keep=1)
     times = []
     for _ in range(reps):
         sync()
