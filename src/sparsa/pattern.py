@@ -23,7 +23,6 @@ them (a million entries at 128K tokens with 128-token blocks).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, replace
 
 import torch
