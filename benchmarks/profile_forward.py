@@ -53,7 +53,9 @@ def profile(model, ids, name: str, passes: int, out):
             forward()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    gpu = sum(e.self_device_time_total for e in events) / passes / 1e3
+    # kernel rows only: an op's row and its kernels' rows both carry the same device time
+    gpu = sum(e.self_device_time_total for e in events
+              if e.device_type == torch.autograd.DeviceType.CUDA) / passes / 1e3
     print(f"\n## {name}: {wall:.2f} ms wall per forward pass, {gpu:.2f} ms of GPU kernels", file=out)
     print(events.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60), file=out)
     print(events.table(sort_by="self_device_time_total", row_limit=10, max_name_column_width=60), file=out)

@@ -1,6 +1,7 @@
-"""One rule for every Triton fast path chosen automatically: a kernel that fails (a compile error on a GPU or
-Triton version the tests never saw) must not take attention down. The op warns once, names the failure, and
-uses its PyTorch reference from then on. An explicit ``backend="triton"`` still raises."""
+"""How an op with a Triton fast path and a PyTorch reference picks one (:func:`dispatch`), and one rule for the
+fast path chosen automatically: a kernel that fails (a compile error on a GPU or Triton version the tests never
+saw) must not take attention down. The op warns once, names the failure, and uses its PyTorch reference from
+then on. An explicit ``backend="triton"`` still raises."""
 
 from __future__ import annotations
 
@@ -9,6 +10,27 @@ import warnings
 import torch
 
 _failed: dict[str, str] = {}
+
+
+BACKENDS = ("auto", "triton", "naive")
+
+
+def dispatch(op: str, backend: str, *, on_gpu: bool, fast, reference, supported: bool = True):
+    """``backend`` "naive": ``reference()``; "triton": ``fast()``; "auto": ``fast()`` when ``on_gpu`` (the op's
+    tensors are on CUDA and within its kernel's limits) and Triton is installed, through
+    :func:`triton_or_reference`, else ``reference()``. ``supported=False`` (a case the kernel does not take,
+    e.g. float64) runs ``reference()`` whatever the backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
+    if backend == "naive" or not supported:
+        return reference()
+    if backend == "triton":
+        return fast()
+    from .vertical_slash import triton_available
+
+    if not (on_gpu and triton_available()):
+        return reference()
+    return triton_or_reference(op, fast, reference)
 
 
 def triton_or_reference(op: str, fast, reference):

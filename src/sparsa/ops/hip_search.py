@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ._fallback import triton_or_reference
-from .vertical_slash import triton_available
+from ._fallback import dispatch
+from .quest import pow2
 
 # Sampled rows (samples x group heads, powers of two) and kept nodes one program may hold: its samples, the
 # [2D, 2k] bounds of the children and the [2k, 2k] ranking tile stay in registers (k = 32: 4096 compares).
@@ -49,25 +49,15 @@ def hip_search(q: Tensor, k: Tensor, nodes: Tensor, levels: int, *, block: int, 
     child. ``backend``: auto | triton | naive (auto: Triton for CUDA tensors when it is
     installed).
     """
-    auto = backend == "auto"
-    if auto:
-        backend = "triton" if q.is_cuda and triton_available() else "naive"
-    if backend not in ("triton", "naive"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
     topk = nodes.shape[-2]
-    rows = _pow2(samples) * _pow2(q.shape[1] // k.shape[1])
-    # tl.dot has no float64; more rows or nodes than a program holds would spill registers: PyTorch does those.
-    if backend == "naive" or q.dtype == torch.float64 or rows > _MAX_ROWS or topk > _MAX_TOPK:
-        return reference()
+    rows = pow2(samples) * pow2(q.shape[1] // k.shape[1])
 
     def fast():
         return _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_real)
 
-    return triton_or_reference("hip_search", fast, reference) if auto else fast()
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
+    # tl.dot has no float64; more rows or nodes than a program holds would spill registers: PyTorch does those.
+    return dispatch("hip_search", backend, on_gpu=q.is_cuda, fast=fast, reference=reference,
+                    supported=q.dtype != torch.float64 and rows <= _MAX_ROWS and topk <= _MAX_TOPK)
 
 
 def table_levels(widest: int, kb: int) -> int:
@@ -97,7 +87,7 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
     # no copy of q or k per call.
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     real = None if key_real is None else key_real.to(device=q.device, dtype=torch.bool).contiguous().view(torch.int8)
-    block_d = max(16, _pow2(dim))
+    block_d = max(16, pow2(dim))
 
     # Launch 1: the sparse table, in k's dtype (a max / min of keys is exact in it, and it is the dot's operand).
     # 16 dims per program (8 programs per KV head at D = 128, each reading 32-byte rows of bf16 keys); a
@@ -106,8 +96,8 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
     kmax = torch.empty(batch * hkv, n_levels * kb, dim, dtype=k.dtype, device=k.device)
     kmin = torch.empty_like(kmax)
     dt = min(16, block_d)
-    rows_k = min(_pow2(block), 64)
-    tb = min(max(1, 4096 // (rows_k * dt)), _pow2(kb))
+    rows_k = min(pow2(block), 64)
+    tb = min(max(1, 4096 // (rows_k * dt)), pow2(kb))
     n_tiles = -(-kb // tb)
     table_kernel[(batch * hkv, -(-dim // dt))](
         k, k if real is None else real, kmax, kmin, lk, kb, n_tiles, *k.stride()[:3], HKV=hkv, D=dim, BLOCK=block,
@@ -116,9 +106,9 @@ def _hip_search_triton(q, k, nodes, levels, block, samples, widest, causal, key_
 
     # Launch 2: the search, one program per (sequence x KV head, query block). At least 16 sample rows and 32
     # children slots: tl.dot's minimum tile (the extra rows and slots are masked).
-    s_p2 = _pow2(samples)
-    g_p2 = max(_pow2(group), -(-16 // s_p2))
-    k_p2 = max(8, _pow2(topk))
+    s_p2 = pow2(samples)
+    g_p2 = max(pow2(group), -(-16 // s_p2))
+    k_p2 = max(8, pow2(topk))
     rows = sample_rows(lq, block, samples, q.device)  # [Qb, S] int64
     # float32 dots run without tensor cores and hold more per thread: 8 warps (ptxas for sm_90 at ref-small's 64
     # rows x D = 128: bf16 at 4 warps 128 registers, no spill; fp32 ~300 bytes of spills at 8 warps, more at 4 or 16)

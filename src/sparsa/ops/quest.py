@@ -20,8 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from ._fallback import triton_or_reference
-from .vertical_slash import triton_available
+from ._fallback import dispatch
 
 # Sampled query rows one program of the scores kernel may hold (its query tile and a key tile's accumulator
 # stay in registers and shared memory); more rows per query block than this go to the PyTorch path.
@@ -47,26 +46,19 @@ def quest_scores(q: Tensor, k: Tensor, block: int, samples: int, *, key_real: Te
     nb = -(-k.shape[2] // block)
     if not isinstance(pieces, int) or pieces < 1 or nb % pieces:
         raise ValueError(f"pieces must be an int >= 1 dividing the {nb} key blocks, got {pieces!r}")
-    auto = backend == "auto"
-    if auto:
-        backend = "triton" if q.is_cuda and triton_available() else "naive"
-    if backend not in ("triton", "naive"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-    group = q.shape[1] // k.shape[1]
-    rows = _pow2(samples) * (1 if per_head else _pow2(group))
-    # tl.dot has no float64, and a query block with more sampled rows than one program holds (hundreds: samples
-    # far beyond the default 16 with 8 query heads per KV head) would spill registers: PyTorch does those.
+    rows = pow2(samples) * (1 if per_head else pow2(q.shape[1] // k.shape[1]))
+
     def reference():
         return quest_scores_naive(q, k, block, samples, key_real=key_real, query_real=query_real,
                                   per_head=per_head, pieces=pieces, max_elements=max_elements)
 
-    if backend == "naive" or q.dtype == torch.float64 or rows > _MAX_ROWS:
-        return reference()
-
     def fast():
         return _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, pieces)
 
-    return triton_or_reference("quest_scores", fast, reference) if auto else fast()
+    # tl.dot has no float64, and a query block with more sampled rows than one program holds (hundreds: samples
+    # far beyond the default 16 with 8 query heads per KV head) would spill registers: PyTorch does those.
+    return dispatch("quest_scores", backend, on_gpu=q.is_cuda, fast=fast, reference=reference,
+                    supported=q.dtype != torch.float64 and rows <= _MAX_ROWS)
 
 
 def block_bounds(k: Tensor, block: int, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -139,7 +131,8 @@ def quest_scores_naive(q: Tensor, k: Tensor, block: int, samples: int, *, key_re
     return out.reshape(batch, hq, qb, -1) if per_head else out
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): Triton tile sizes."""
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -166,7 +159,7 @@ def _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, p
     # The kernels read any [B, H, L, D] layout with unit stride over D (a model's q and k are transposed views):
     # no copy of q or k per call.
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    block_d = max(16, _pow2(dim))
+    block_d = max(16, pow2(dim))
     # Kernel 1: per key block its max / min in q's dtype (exact for keys of that dtype), zero for blocks of
     # padding only (so no 0 * inf reaches the dot), and whether the block has a real key.
     kmax = torch.empty(batch * hkv, nb, dim, dtype=q.dtype, device=q.device)
@@ -175,21 +168,21 @@ def _quest_scores_triton(q, k, block, samples, key_real, query_real, per_head, p
     # Positions x dims per loaded key tile: 32 fp32 registers a thread at 4 warps. (The interpreter runs the same
     # tiles, so the tests cover the GPU's tiling; it is fast enough at test sizes.)
     budget = 1 << 12
-    rows_k = min(_pow2(block), max(1, budget // block_d))
-    tile = min(max(1, budget // (rows_k * block_d)), _pow2(nb))
+    rows_k = min(pow2(block), max(1, budget // block_d))
+    tile = min(max(1, budget // (rows_k * block_d)), pow2(nb))
     key_real = _flags(key_real, k)
     bounds_kernel[(batch * hkv, -(-nb // tile))](
         k, key_real, kmax, kmin, alive, lk, nb, *k.stride()[:3], HKV=hkv, D=dim, BLOCK=block,
         HAS_REAL=key_real is not k, TILE=tile, ROWS=rows_k, BLOCK_D=block_d)
     # Kernel 2: a program holds QT query blocks' sampled rows (x every query head of the group unless
     # per_head) and walks all key blocks BLOCK_N at a time, BLOCK_N = BLOCK_C output columns x PIECES_P2.
-    s_p2 = _pow2(samples)
-    g_p2 = 1 if per_head else _pow2(group)
+    s_p2 = pow2(samples)
+    g_p2 = 1 if per_head else pow2(group)
     per_block = s_p2 * g_p2
     # About 64 rows per program (at least 16: tl.dot's minimum), and a [rows, BLOCK_N] float32 accumulator
     # within 8K elements where the pieces allow: few registers, and programs enough to fill the GPU.
-    qt = min(max(1, 64 // per_block), max(_pow2(qb), -(-16 // per_block)))
-    pieces_p2 = _pow2(pieces)
+    qt = min(max(1, 64 // per_block), max(pow2(qb), -(-16 // per_block)))
+    pieces_p2 = pow2(pieces)
     block_n = max(16, pieces_p2, min(64, 8192 // (qt * per_block)))
     block_c = block_n // pieces_p2
     n_tiles = -(-n_out // block_c)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._fallback import triton_or_reference
+from ._fallback import dispatch
 
 
 # Rows wider than this many key blocks (512K tokens in 128-token blocks) take the naive path: the sort of a row
@@ -48,24 +48,15 @@ def topk_blocks(scores: Tensor, topk: int, *, q_len: int, kv_len: int, block: in
     for name, value in (("sink", sink), ("local", local)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    auto = backend == "auto"
-    if auto:
-        from .vertical_slash import triton_available
-
-        backend = "triton" if scores.is_cuda and triton_available() and kb <= MAX_TRITON_BLOCKS else "naive"
 
     def reference():
         return topk_blocks_naive(scores, topk, q_len=q_len, kv_len=kv_len, block=block, sink=sink, local=local)
 
-    if backend == "naive":
-        return reference()
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-
     def fast():
         return _topk_blocks_triton(scores, topk, q_len, kv_len, block, sink, local)
 
-    return triton_or_reference("topk_blocks", fast, reference) if auto else fast()
+    return dispatch("topk_blocks", backend, on_gpu=scores.is_cuda and kb <= MAX_TRITON_BLOCKS, fast=fast,
+                    reference=reference)
 
 
 def topk_blocks_naive(scores: Tensor, topk: int, *, q_len: int, kv_len: int, block: int, sink: int = 0,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._fallback import triton_or_reference
+from ._fallback import dispatch
 from .topk_blocks import MAX_TRITON_BLOCKS
 
 
@@ -53,28 +53,18 @@ def vertical_slash_blocks(column_scores: Tensor, band_scores: Tensor, n_columns:
     for name, value in (("forced_columns", forced_columns), ("forced_bands", forced_bands)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    auto = backend == "auto"
-    if auto:
-        from .vertical_slash import triton_available
-
-        backend = ("triton" if column_scores.is_cuda and triton_available() and kb <= MAX_TRITON_BLOCKS
-                   else "naive")
 
     def reference():
         return vertical_slash_blocks_naive(column_scores, band_scores, n_columns, n_bands,
                                            forced_columns=forced_columns, forced_bands=forced_bands, q_len=q_len,
                                            kv_len=kv_len, block=block, extra_tiles=extra_tiles)
 
-    if backend == "naive":
-        return reference()
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'naive', got {backend!r}")
-
     def fast():
         return _vertical_slash_blocks_triton(column_scores, band_scores, n_columns, n_bands, forced_columns,
                                              forced_bands, q_len, kv_len, block, extra_tiles)
 
-    return triton_or_reference("vertical_slash_blocks", fast, reference) if auto else fast()
+    return dispatch("vertical_slash_blocks", backend, on_gpu=column_scores.is_cuda and kb <= MAX_TRITON_BLOCKS,
+                    fast=fast, reference=reference)
 
 
 def vertical_slash_blocks_naive(column_scores: Tensor, band_scores: Tensor, n_columns: int | Tensor,
