@@ -42,6 +42,8 @@
 #   bash benchmarks/gpu_calls.sh s7-last        # session 7 (x2): vertical_slash / flexprefill selection in Triton,
 #                                               # q/k read in place; GPU tests, speed, their accuracy on GPU 1
 #   bash benchmarks/gpu_calls.sh s7-check       # session 7: the Triton op tests on the device; 8K alone on one GPU
+#   bash benchmarks/gpu_calls.sh s8-kernel      # session 8: the Triton attention kernel on the GPU (tests), against
+#                                               # FlexAttention per pattern and tile configuration; 8K in 3 processes
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -432,6 +434,19 @@ case "${1:-}" in
       --methods "dense;biformer;hip;longheads;vertical_slash;flexprefill" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
       | grep -v Warning > "$OUT/prefill.txt"
     wait $BP; tail -n 6 "$OUT/bench-vs.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
+  s8-kernel)  # one GPU, about 5 minutes: sparsa's own block-sparse attention kernel (ops/triton_attention.py)
+    TRITON_INTERPRET=0 timeout 100 python -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+      tests/test_ops.py 2>&1 | tail -3
+    timeout -s INT 240 python benchmarks/attention_kernels.py --lengths 8192,32768,131072 \
+      --methods dense,biformer,hip,longheads,vertical_slash,flexprefill \
+      --configs 128x64x4x3,128x128x8x2,128x64x8x4,64x64x4x3,128x32x4x4 --jsonl "$OUT/attention_kernels.jsonl" \
+      2>&1 | grep -v Warning | cut -c1-260
+    for i in 1 2 3; do
+      timeout -s INT 60 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+        --methods "dense;biformer;hip;longheads;biformer+flex" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 \
+        | grep -v Warning | cut -c1-150 | grep "method"
+    done
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

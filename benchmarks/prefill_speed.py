@@ -15,7 +15,8 @@ Usage (GPU): ``python benchmarks/prefill_speed.py [--lengths 8192,...] [--method
 methods are named as ``sparsa bench`` names them (``hip:block=128``); ``NAME+compile`` runs with
 ``compile=True`` (its select() through torch.compile), ``NAME+reduce-overhead`` with that compile mode, and
 ``NAME+graph`` with ``cuda_graph=True`` (the whole attend() call replayed as a CUDA graph; the first call of a
-shape runs eagerly, the second captures, both before the timed calls). Suffixes combine: ``hip+compile+graph``.
+shape runs eagerly, the second captures, both before the timed calls), ``NAME+flex`` / ``NAME+triton`` with that
+attention backend (default ``auto``). Suffixes combine: ``hip+compile+graph``.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def method_params(name: str) -> tuple[str, dict]:
     spec = parse_method(text)
     params = dict(spec.params)
     for suffix in suffixes:
-        if suffix == "graph":
+        if suffix in ("flex", "triton", "reference"):
+            params["backend"] = suffix  # not a method parameter: attend()'s / configure()'s backend
+        elif suffix == "graph":
             params["cuda_graph"] = True
         else:
             params["compile"] = True if suffix == "compile" else suffix
@@ -111,13 +114,15 @@ def attention_rows(q, k, v, methods, length):
     reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     for name in methods:
         base_name, params = method_params(name)
+        backend = params.pop("backend", "auto")
         # dense_below=0 unless the name sets it: these rows time the sparse path itself
         sel = registry.create("prefill", base_name, **{"dense_below": 0, **params})
         try:
-            sel.attend(q, k, v, layer_idx=0)  # compiles; with cuda_graph, the eager warm-up of this shape
+            sel.attend(q, k, v, layer_idx=0, backend=backend)  # compiles; with cuda_graph, the eager warm-up
             # median_ms's two untimed warm-up calls come next: with cuda_graph the first of them captures
-            total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0), warmup=2)
-            out, density = sel.attend(q, k, v, layer_idx=0)  # with cuda_graph, a replay: its error is the one shown
+            total = median_ms(lambda: sel.attend(q, k, v, layer_idx=0, backend=backend), warmup=2)
+            # with cuda_graph, a replay: its error is the one shown
+            out, density = sel.attend(q, k, v, layer_idx=0, backend=backend)
             err = float((out.float() - reference.float()).norm() / reference.float().norm())
             estimate = median_ms(lambda: sel.pattern(q, k, layer_idx=0)) if base_name != "hyper" else None
             yield with_ratios(dict(length=length, method=name, ms=total, estimate_ms=estimate,
@@ -141,7 +146,7 @@ def ttft_rows(model, tokenizer, methods, length, own_dense_below=False):
             base_name, params = method_params(name)
             if not own_dense_below:  # time the sparse path, not the method's dense fallback
                 params = {"dense_below": 0, **params}
-            sparsa.configure(model, prefill=base_name, **params)
+            sparsa.configure(model, prefill=base_name, **params)  # params may hold backend
         try:
             # with cuda_graph the first pass warms up and the second captures: both before the timed passes
             warmup = 2 if params.get("cuda_graph") else 1

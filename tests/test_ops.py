@@ -316,7 +316,7 @@ def _bad_inputs():
         ("key_padding_mask must be a bool tensor", lambda: call(q, k, v,
                                                                  key_padding_mask=torch.ones(30, dtype=torch.bool))),
         ("key_padding_mask must be a bool tensor", lambda: call(q, k, v, key_padding_mask=[[True] * 30] * 2)),
-        ("backend must be one of", lambda: call(q, k, v, backend="triton")),
+        ("backend must be one of", lambda: call(q, k, v, backend="cuda")),
         ("scale must be a positive finite", lambda: call(q, k, v, scale=0.0)),
         ("scale must be a positive finite", lambda: call(q, k, v, scale=-1.0)),
         ("scale must be a positive finite", lambda: call(q, k, v, scale=float("nan"))),

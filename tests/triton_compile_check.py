@@ -126,6 +126,22 @@ def launches():
         hip_select(HiP(), q[:, :, :1].expand(-1, -1, 4096, -1), k[:, :, :1].expand(-1, -1, 4096, -1)),  # defaults
         hip_select(HiP(block=64, mask_k=256, sliding_window=0), q.float()[:2, :8].expand(2, -1, -1, -1),
                    k.float()[:, :2].expand(2, -1, -1, -1), real)))  # fp32, padding, no window
+    from sparsa.ops import triton_attention
+    from sparsa.pattern import BlockPattern
+
+    v = torch.randn(1, 8, 1000, 128, dtype=bf)
+    dense = BlockPattern.dense(1000, 1000)
+    per_q = BlockPattern.dense(1000, 1000).expand(1, 32)
+    out += record("sparsa.ops._attention_kernels", ["sparse_attention_kernel"], lambda: (
+        triton_attention.block_sparse_attention_triton(q, k, v, dense, causal=True, scale=0.088,
+                                                       key_padding_mask=None),  # bf16, D 128, 128-blocks
+        triton_attention.block_sparse_attention_triton(
+            q.float()[:, :8].expand(2, -1, -1, -1), k.float()[:, :2].expand(2, -1, -1, -1),
+            v.float()[:, :2, :, :64].expand(2, -1, -1, -1), BlockPattern.dense(1000, 1000, block_q=64, block_k=64),
+            causal=False, scale=0.088, key_padding_mask=real),  # fp32, padding, Dv 64, 64-blocks
+        triton_attention.block_sparse_attention_triton(
+            q[..., :64].half(), k[..., :64].half(), v[..., :64].half(), per_q, causal=True, scale=0.125,
+            key_padding_mask=None)))  # fp16, D 64, a pattern per query head
     return out
 
 

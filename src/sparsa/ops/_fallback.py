@@ -33,8 +33,9 @@ def dispatch(op: str, backend: str, *, on_gpu: bool, fast, reference, supported:
     return triton_or_reference(op, fast, reference)
 
 
-def triton_or_reference(op: str, fast, reference):
-    """``fast()``, or ``reference()`` once ``fast`` has failed for ``op`` in this process."""
+def triton_or_reference(op: str, fast, reference, instead: str = "the PyTorch reference"):
+    """``fast()``, or ``reference()`` once ``fast`` has failed for ``op`` in this process (``instead`` names it
+    in the warning)."""
     if op in _failed:
         return reference()
     try:
@@ -43,7 +44,7 @@ def triton_or_reference(op: str, fast, reference):
         raise  # the reference would not fit either
     except Exception as error:  # noqa: BLE001 -- any kernel failure: the reference gives the same answer
         _failed[op] = f"{type(error).__name__}: {str(error)[:300]}"
-        warnings.warn(f"sparsa: the Triton kernel of {op} failed ({_failed[op]}); using the PyTorch reference "
+        warnings.warn(f"sparsa: the Triton kernel of {op} failed ({_failed[op]}); using {instead} "
                       "from now on", stacklevel=3)
         return reference()
 

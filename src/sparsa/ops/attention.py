@@ -12,7 +12,7 @@ from ..pattern import BlockPattern
 from .flex import block_sparse_attention_flex, flex_available
 from .naive import block_sparse_attention_naive
 
-BACKENDS = ("auto", "flex", "reference")
+BACKENDS = ("auto", "triton", "flex", "reference")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _warned: set[str] = set()
 
@@ -44,8 +44,10 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the natural-log log-sum-exp ``[B, Hq, Lq]`` (float32), to merge partial results.
         key_padding_mask: ``[B, Lk]`` bool, True for real keys.
-        backend: ``"flex"`` (compiled FlexAttention), ``"reference"`` (plain PyTorch, linear memory) or ``"auto"``
-            (flex on CUDA, reference elsewhere).
+        backend: ``"triton"`` (one Triton launch, forward only; ``sparsa.ops.triton_attention``), ``"flex"``
+            (compiled FlexAttention), ``"reference"`` (plain PyTorch, linear memory) or ``"auto"``: on CUDA triton
+            where it applies (no token-level mask, no gradient needed, fp16 / bf16 / fp32, head dim <= 256) and
+            flex otherwise; reference elsewhere. A Triton kernel that fails warns once and hands over to flex.
         validate: check the pattern's index values (one pass, one sync).
 
     Returns:
@@ -66,7 +68,12 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(q.device)
 
-    chosen = select_backend(backend, q, return_lse)
+    chosen = select_backend(backend, q, return_lse, pattern=pattern, k=k, v=v)
+    if chosen == "triton":
+        result = _triton(q, k, v, pattern, causal, float(scale), key_padding_mask, strict=backend == "triton")
+        if result is not None:
+            return result if return_lse else result[0]
+        chosen = "flex"  # the kernel failed (warned once): FlexAttention from now on
     if chosen == "flex" and q.device.type == "cpu" and _CPU_FLEX_FAILED:
         chosen = "reference"
     if chosen == "flex":
@@ -90,9 +97,41 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
     return (out, lse) if return_lse else out
 
 
-def select_backend(backend: str, q: Tensor, return_lse: bool = False) -> str:
+def _triton(q, k, v, pattern, causal, scale, key_padding_mask, strict):
+    """The Triton kernel's ``(out, lse)``; chosen automatically (``strict`` False), ``None`` once it has failed."""
+    from ._fallback import triton_or_reference
+    from .triton_attention import block_sparse_attention_triton
+
+    def fast():
+        return block_sparse_attention_triton(q, k, v, pattern, causal=causal, scale=scale,
+                                             key_padding_mask=key_padding_mask)
+
+    return fast() if strict else triton_or_reference("block_sparse_attention", fast, lambda: None,
+                                                           instead="FlexAttention")
+
+
+def select_backend(backend: str, q: Tensor, return_lse: bool = False, *, pattern: BlockPattern | None = None,
+                   k: Tensor | None = None, v: Tensor | None = None) -> str:
     if backend == "auto":
-        return "flex" if q.is_cuda and flex_available() and q.dtype != torch.float64 else "reference"
+        if not q.is_cuda or q.dtype == torch.float64:
+            return "reference"
+        if pattern is not None and _triton_applies(q, k, v, pattern):
+            return "triton"
+        return "flex" if flex_available() else "reference"
+    if backend == "triton":
+        from .triton_attention import supports
+        from .vertical_slash import triton_available
+
+        if not triton_available():
+            raise ValueError("backend='triton' needs Triton installed")
+        if pattern is not None and not supports(pattern, q, v if v is not None else q):
+            raise ValueError(f"backend='triton' does not take this case: dtype {q.dtype}, head dim "
+                             f"{q.shape[-1]}, blocks {pattern.block_q}x{pattern.block_k}, token mask "
+                             f"{pattern.token_mask is not None} (it needs fp16/bf16/fp32, head dim <= 256, "
+                             "blocks with a power-of-two divisor >= 16, no token mask)")
+        if _needs_grad(q, k, v):
+            raise ValueError("backend='triton' is forward-only: use backend='flex' where a gradient is needed")
+        return backend
     if backend == "flex":
         if not flex_available():
             raise ValueError("backend='flex' needs torch.nn.attention.flex_attention (torch >= 2.5)")
@@ -104,6 +143,19 @@ def select_backend(backend: str, q: Tensor, return_lse: bool = False) -> str:
             warn_once("flex-f64", "FlexAttention does not take float64; using the reference backend")
             return "reference"
     return backend
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _triton_applies(q: Tensor, k: Tensor | None, v: Tensor | None, pattern: BlockPattern) -> bool:
+    from ._fallback import failed_ops
+    from .triton_attention import supports
+    from .vertical_slash import triton_available
+
+    return (triton_available() and "block_sparse_attention" not in failed_ops() and not _needs_grad(q, k, v)
+            and supports(pattern, q, v if v is not None else q))
 
 
 def _check_inputs(q, k, v, key_padding_mask, backend):
