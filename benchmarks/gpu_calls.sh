@@ -44,6 +44,9 @@
 #   bash benchmarks/gpu_calls.sh s7-check       # session 7: the Triton op tests on the device; 8K alone on one GPU
 #   bash benchmarks/gpu_calls.sh s8-kernel      # session 8: the Triton attention kernel on the GPU (tests), against
 #                                               # FlexAttention per pattern and tile configuration; 8K in 3 processes
+#   bash benchmarks/gpu_calls.sh s8-slash       # session 8 (x2): one tile per slash band (vertical_slash, flexprefill)
+#                                               # and FlexPrefill's official slash budget, accuracy on GPU 1; GPU 0 every
+#                                               # method timed with the Triton attention kernel, TTFT, 8K again twice
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -447,6 +450,23 @@ case "${1:-}" in
         --methods "dense;biformer;hip;longheads;biformer+flex" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 \
         | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s8-slash)  # x2, about 8 minutes
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 420 $B --methods \
+       "dense;vertical_slash:slash_tiles=1;flexprefill:slash_tiles=1,slash_count=diagonals;flexprefill:slash_count=diagonals" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-slash.jsonl" > "$OUT/bench-slash.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 90 python -m pytest -q -p no:cacheprovider tests/test_triton_attention.py \
+      tests/test_vertical_slash_blocks_op.py 2>&1 | tail -2
+    timeout -s INT 330 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer;hip;longheads;vertical_slash;vertical_slash:slash_tiles=1;flexprefill;flexprefill:slash_tiles=1,slash_count=diagonals" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    for i in 1 2; do
+      timeout -s INT 50 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+        --methods "dense;biformer;hip;longheads;vertical_slash:slash_tiles=1;flexprefill:slash_tiles=1,slash_count=diagonals" \
+        --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning > /dev/null
+    done
+    wait $BP; tail -n 8 "$OUT/bench-slash.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

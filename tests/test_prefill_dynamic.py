@@ -100,14 +100,53 @@ def test_flexprefill_query_aware_and_vertical_slash_heads_both_run():
     assert not torch.equal(qa.to_block_mask(), vs.to_block_mask())
 
 
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_one_tile_per_band_is_sparser_and_keeps_the_local_diagonals(name):
+    q, k, v = _qkv(2, 8, 2, 600, 700, seed=4)
+    small = dict(SMALL[name], **({"gamma": 0.1} if name == "flexprefill" else {}))
+    two = CLASSES[name](**small).select(q, k)
+    one = CLASSES[name](**small, slash_tiles=1).select(q, k)
+    assert one.density() < two.density()
+    assert not (one.to_block_mask() & ~two.to_block_mask()).any()  # a subset: the same bands, fewer tiles
+    # every query sees its own block and the one before it (the forced local diagonals, whole)
+    tiles = one.to_block_mask()
+    rows = torch.arange(tiles.shape[2])
+    last = (torch.clamp((rows + 1) * 32, max=600) - 1 + 100) // 32
+    assert tiles[..., rows, last].all() and tiles[..., rows, last - 1].all()
+
+
+def test_vertical_slash_local_bands():
+    from sparsa.prefill.vertical_slash import local_bands
+
+    assert [local_bands(n, 128, 2) for n in (0, 1, 100, 128, 129)] == [0, 1, 1, 1, 2]
+    assert [local_bands(n, 128, 1) for n in (0, 1, 100, 128, 129, 257)] == [0, 1, 2, 2, 2, 3]
+
+
+def test_flexprefill_slash_count_diagonals_needs_fewer_bands():
+    """The official budget counts the token diagonals covering gamma (then // block + 1), not whole bands: mass
+    on three diagonals in three different bands is one band's worth of diagonals, but three bands."""
+    sel = FlexPrefill(gamma=0.9, min_budget=32, block=32)
+    vertical = torch.full((1, 1, 640), 1 / 640)
+    slash = torch.zeros(1, 1, 640)
+    slash[..., [5, 100, 300]] = 1 / 3
+    none = torch.zeros(1, 1, dtype=torch.bool)
+    pooled = slash.view(1, 1, 20, 32).sum(-1)
+    sorted_desc = (lambda x: torch.sort(x, dim=-1, descending=True).values)
+    assert int(sel._budgets(vertical, sorted_desc(pooled), none)[1]) == 3
+    sel.slash_count = "diagonals"
+    assert int(sel._budgets(vertical, sorted_desc(slash), none)[1]) == 1
+
+
 @pytest.mark.parametrize("bad", [dict(gamma=0.0), dict(gamma=1.5), dict(tau=-1), dict(min_budget=0),
-                                 dict(block=48), dict(probe_blocks=0)])
+                                 dict(block=48), dict(probe_blocks=0), dict(slash_tiles=3),
+                                 dict(slash_count="tokens")])
 def test_flexprefill_bad_parameters(bad):
     with pytest.raises(ValueError):
         FlexPrefill(**bad)
 
 
-@pytest.mark.parametrize("bad", [dict(vertical_size=0), dict(slash_size=-1), dict(last_q=0), dict(block=100)])
+@pytest.mark.parametrize("bad", [dict(vertical_size=0), dict(slash_size=-1), dict(last_q=0), dict(block=100),
+                                 dict(slash_tiles=0)])
 def test_vertical_slash_bad_parameters(bad):
     with pytest.raises(ValueError):
         VerticalSlash(**bad)

@@ -46,17 +46,17 @@ def random_inputs(case, seed, per_head=False, extra=False):
     return col, band, n_col, n_band, tiles
 
 
-def call(case, inputs, backend):
+def call(case, inputs, backend, band_tiles=2):
     b, h, lq, lk, block, _, _, forced_col, forced_band = case
     col, band, n_col, n_band, extra = inputs
     if backend == "naive-direct":
         return vertical_slash_blocks_naive(col, band, n_col, n_band, forced_columns=forced_col,
                                            forced_bands=forced_band, q_len=lq, kv_len=lk, block=block,
-                                           extra_tiles=extra)
+                                           extra_tiles=extra, band_tiles=band_tiles)
     to = (lambda x: x.to(DEVICE) if isinstance(x, torch.Tensor) else x)
     return vertical_slash_blocks(to(col), to(band), to(n_col), to(n_band), forced_columns=forced_col,
                                  forced_bands=forced_band, q_len=lq, kv_len=lk, block=block, extra_tiles=to(extra),
-                                 backend=backend)
+                                 band_tiles=band_tiles, backend=backend)
 
 
 def old_chain(case, inputs):
@@ -77,7 +77,7 @@ def old_chain(case, inputs):
     return pattern.kv_num_blocks, pattern.kv_indices
 
 
-def by_definition(case, inputs):
+def by_definition(case, inputs, band_tiles=2):
     """Each row's blocks written out with Python sets, as the module docstring states the selection."""
     b, h, lq, lk, block, _, _, forced_col, forced_band = case
     col, band, n_col, n_band, extra = inputs
@@ -95,7 +95,8 @@ def by_definition(case, inputs):
             bands = top(band[bi, hi], count(n_band), forced_band)
             for r in range(qb):
                 last = (min((r + 1) * block, lq) - 1 + lk - lq) // block
-                keep = {j for j in range(last + 1) if j in cols or (last - j) in bands or (last - j - 1) in bands}
+                keep = {j for j in range(last + 1)
+                        if j in cols or (last - j) in bands or (band_tiles == 2 and (last - j - 1) in bands)}
                 if extra is not None:
                     keep |= {j for j in range(kb) if extra[bi, hi, r, j]}
                 rows[bi, hi, r] = sorted(keep | {0, last})
@@ -103,11 +104,12 @@ def by_definition(case, inputs):
 
 
 @pytest.mark.parametrize("case", CASES[:4])
-@pytest.mark.parametrize("per_head,extra", [(False, False), (True, True)])
-def test_naive_matches_definition(case, per_head, extra):
+@pytest.mark.parametrize("per_head,extra,band_tiles", [(False, False, 2), (True, True, 2), (False, False, 1),
+                                                       (True, True, 1)])
+def test_naive_matches_definition(case, per_head, extra, band_tiles):
     inputs = random_inputs(case, 1, per_head, extra)
-    num, idx = call(case, inputs, "naive-direct")
-    for (bi, hi, r), want in by_definition(case, inputs).items():
+    num, idx = call(case, inputs, "naive-direct", band_tiles)
+    for (bi, hi, r), want in by_definition(case, inputs, band_tiles).items():
         n = num[bi, hi, r].item()
         assert idx[bi, hi, r, :n].tolist() == want
         assert not idx[bi, hi, r, n:].any()  # the rest of the row is zero, as BlockPattern's lists are
@@ -126,12 +128,12 @@ def test_naive_matches_the_old_chain(case, per_head, extra):
 
 @needs_triton
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("per_head,extra", [(False, False), (True, False), (True, True)])
-def test_triton_matches_naive(case, per_head, extra):
+@pytest.mark.parametrize("per_head,extra,band_tiles", [(False, False, 2), (True, False, 1), (True, True, 2)])
+def test_triton_matches_naive(case, per_head, extra, band_tiles):
     wide = -(-case[3] // case[4]) > 64  # slow to sort in the interpreter: one seed
     for seed in (2,) if wide else (2, 3):  # fresh random scores
         inputs = random_inputs(case, seed, per_head, extra)
-        want, got = call(case, inputs, "naive"), call(case, inputs, "triton")
+        want, got = call(case, inputs, "naive", band_tiles), call(case, inputs, "triton", band_tiles)
         assert torch.equal(got[0].cpu(), want[0].cpu()) and torch.equal(got[1].cpu(), want[1].cpu())
 
 

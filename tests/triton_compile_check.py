@@ -109,7 +109,9 @@ def launches():
         vertical_slash_blocks._vertical_slash_blocks_triton(lines, lines.bfloat16(), budgets, budgets, 0, 0, 4096,
                                                             4096, 128, torch.rand(1, 32, 32, 32) < 0.1),
         vertical_slash_blocks._vertical_slash_blocks_triton(torch.rand(1, 8, 1019), torch.rand(1, 8, 1019), 8, 48,
-                                                            1, 1, 100, 130396, 128, None)))  # chunked, wide rows
+                                                            1, 1, 100, 130396, 128, None),  # chunked, wide rows
+        vertical_slash_blocks._vertical_slash_blocks_triton(lines, lines, 8, 32, 1, 2, 4096, 4096, 128, None,
+                                                            band_tiles=1)))  # one tile per band
     num = torch.ones(1, 8, 8, dtype=torch.int32)
     idx = torch.zeros(1, 8, 8, 8, dtype=torch.int32)
     out += record("sparsa.ops._split_kernels", ["split_rows_kernel"], lambda: flex.split_lists_triton(

@@ -60,7 +60,7 @@ def select_lines_kernel(col_ptr, band_ptr, col_flag_ptr, band_flag_ptr, n_col_pt
 
 @triton.jit
 def tiles_kernel(col_flag_ptr, band_flag_ptr, extra_ptr, num_ptr, idx_ptr, QB, KB, BQ, BK, Q_LEN, OFFSET,
-                 HAS_EXTRA: tl.constexpr, KB_P2: tl.constexpr):
+                 HAS_EXTRA: tl.constexpr, TWO_TILES: tl.constexpr, KB_P2: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     r = row % QB
     bh = row // QB
@@ -70,11 +70,12 @@ def tiles_kernel(col_flag_ptr, band_flag_ptr, extra_ptr, num_ptr, idx_ptr, QB, K
     last = (tl.minimum((r + 1) * BQ, Q_LEN) - 1 + OFFSET) // BK
     visible = in_row & (j <= last)
     # Band d holds token diagonals d*BK .. (d+1)*BK - 1; it crosses this row in key blocks last - d and the one
-    # before, so tile j is on a selected band when band d or band d - 1 is selected (d = last - j).
+    # before. Tile j is on a selected band when band d = last - j is selected, or (TWO_TILES) band d - 1.
     d = last - j
     on_col = tl.load(col_flag_ptr + bh * KB + j, mask=visible, other=0) != 0
     on_band = tl.load(band_flag_ptr + bh * KB + d, mask=visible, other=0) != 0
-    on_band |= tl.load(band_flag_ptr + bh * KB + d - 1, mask=visible & (d >= 1), other=0) != 0
+    if TWO_TILES:
+        on_band |= tl.load(band_flag_ptr + bh * KB + d - 1, mask=visible & (d >= 1), other=0) != 0
     keep = visible & (on_col | on_band)
     if HAS_EXTRA:
         keep |= tl.load(extra_ptr + row * KB + j, mask=in_row, other=0) != 0

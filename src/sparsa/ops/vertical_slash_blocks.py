@@ -10,8 +10,10 @@ Long-Sequence Inference", ICLR 2025). Per batch and head, over ``Kb`` key blocks
 - the ``n_bands`` highest band scores select diagonal bands ("slash" lines; band ``d`` holds the token
   diagonals ``d * block .. (d + 1) * block - 1``), plus the first ``forced_bands`` bands;
 - query block ``r`` (whose last query sees key blocks ``0 .. last_r``) computes key block ``j <= last_r`` when
-  ``j`` is a selected column or a selected band crosses it (band ``last_r - j`` or ``last_r - j - 1``: a band
-  spans two block-diagonals); or when ``extra_tiles`` has it (FlexPrefill's query-aware map); and always key
+  ``j`` is a selected column or a selected band crosses it: band ``last_r - j``, and with ``band_tiles=2`` also
+  band ``last_r - j - 1`` (a band of ``block`` token diagonals spans two block-diagonals; ``band_tiles=1`` takes
+  the one at its own offset, as FlexPrefill's official code does, and spends one tile per band and row -- the
+  cost of ``block`` diagonals); or when ``extra_tiles`` has it (FlexPrefill's query-aware map); and always key
   block 0 and the diagonal block ``last_r``.
 
 Ties among scores go to the lower index (a stable descending sort). Returned as ``(kv_num_blocks [B, H, Qb]
@@ -37,7 +39,7 @@ from .topk_blocks import MAX_TRITON_BLOCKS
 
 def vertical_slash_blocks(column_scores: Tensor, band_scores: Tensor, n_columns: int | Tensor,
                           n_bands: int | Tensor, *, forced_columns: int = 0, forced_bands: int = 0, q_len: int,
-                          kv_len: int, block: int, extra_tiles: Tensor | None = None,
+                          kv_len: int, block: int, extra_tiles: Tensor | None = None, band_tiles: int = 2,
                           backend: str = "auto") -> tuple[Tensor, Tensor]:
     """``(kv_num_blocks, kv_indices)`` of the selection described in the module docstring.
 
@@ -50,6 +52,8 @@ def vertical_slash_blocks(column_scores: Tensor, band_scores: Tensor, n_columns:
     b, h, kb = _check(column_scores, band_scores, q_len, kv_len, block, extra_tiles)
     n_columns = _budget("n_columns", n_columns, b, h)
     n_bands = _budget("n_bands", n_bands, b, h)
+    if band_tiles not in (1, 2):
+        raise ValueError(f"band_tiles must be 1 or 2, got {band_tiles!r}")
     for name, value in (("forced_columns", forced_columns), ("forced_bands", forced_bands)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -57,11 +61,12 @@ def vertical_slash_blocks(column_scores: Tensor, band_scores: Tensor, n_columns:
     def reference():
         return vertical_slash_blocks_naive(column_scores, band_scores, n_columns, n_bands,
                                            forced_columns=forced_columns, forced_bands=forced_bands, q_len=q_len,
-                                           kv_len=kv_len, block=block, extra_tiles=extra_tiles)
+                                           kv_len=kv_len, block=block, extra_tiles=extra_tiles,
+                                           band_tiles=band_tiles)
 
     def fast():
         return _vertical_slash_blocks_triton(column_scores, band_scores, n_columns, n_bands, forced_columns,
-                                             forced_bands, q_len, kv_len, block, extra_tiles)
+                                             forced_bands, q_len, kv_len, block, extra_tiles, band_tiles)
 
     return dispatch("vertical_slash_blocks", backend, on_gpu=column_scores.is_cuda and kb <= MAX_TRITON_BLOCKS,
                     fast=fast, reference=reference)
@@ -69,19 +74,19 @@ def vertical_slash_blocks(column_scores: Tensor, band_scores: Tensor, n_columns:
 
 def vertical_slash_blocks_naive(column_scores: Tensor, band_scores: Tensor, n_columns: int | Tensor,
                                 n_bands: int | Tensor, *, forced_columns: int = 0, forced_bands: int = 0,
-                                q_len: int, kv_len: int, block: int,
-                                extra_tiles: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                                q_len: int, kv_len: int, block: int, extra_tiles: Tensor | None = None,
+                                band_tiles: int = 2) -> tuple[Tensor, Tensor]:
     """Plain PyTorch reference of :func:`vertical_slash_blocks`: the chain the selectors ran before this op."""
     from ..pattern import BlockPattern
-    from ..prefill.estimate import band_tiles, force_sink_and_diagonal, top_indices
+    from ..prefill import estimate
 
     b, h = column_scores.shape[:2]
-    columns = top_indices(column_scores, _budget("n_columns", n_columns, b, h), forced=forced_columns)
-    diagonals = top_indices(band_scores, _budget("n_bands", n_bands, b, h), forced=forced_bands)
-    tiles = band_tiles(columns, diagonals, q_len, kv_len, block)
+    columns = estimate.top_indices(column_scores, _budget("n_columns", n_columns, b, h), forced=forced_columns)
+    diagonals = estimate.top_indices(band_scores, _budget("n_bands", n_bands, b, h), forced=forced_bands)
+    tiles = estimate.band_tiles(columns, diagonals, q_len, kv_len, block, span=band_tiles)
     if extra_tiles is not None:
         tiles = tiles | extra_tiles
-    tiles = force_sink_and_diagonal(tiles, q_len, kv_len, block, block)
+    tiles = estimate.force_sink_and_diagonal(tiles, q_len, kv_len, block, block)
     pattern = BlockPattern.from_block_mask(tiles, q_len=q_len, kv_len=kv_len, block_q=block)
     return pattern.kv_num_blocks, pattern.kv_indices
 
@@ -120,7 +125,7 @@ def _budget(name: str, count, b: int, h: int):
 
 
 def _vertical_slash_blocks_triton(column_scores, band_scores, n_columns, n_bands, forced_columns, forced_bands,
-                                  q_len, kv_len, block, extra_tiles):
+                                  q_len, kv_len, block, extra_tiles, band_tiles=2):
     import triton
 
     from ._vs_select_kernels import select_lines_kernel, tiles_kernel
@@ -150,7 +155,8 @@ def _vertical_slash_blocks_triton(column_scores, band_scores, n_columns, n_bands
     idx = torch.empty(b, h, qb, kb, dtype=torch.int32, device=device)
     extra = None if extra_tiles is None else extra_tiles.contiguous().view(torch.uint8)
     tiles_kernel[(b * h * qb,)](col_flags, band_flags, col_flags if extra is None else extra, num, idx, qb, kb,
-                                block, block, q_len, kv_len - q_len, HAS_EXTRA=extra is not None, KB_P2=kb_p2)
+                                block, block, q_len, kv_len - q_len, HAS_EXTRA=extra is not None,
+                                TWO_TILES=band_tiles == 2, KB_P2=kb_p2)
     return num, idx
 
 

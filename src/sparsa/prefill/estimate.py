@@ -44,12 +44,13 @@ def pool_blocks(x: Tensor, length: int, block: int) -> Tensor:
     return pool_sum(x[..., :length], block)
 
 
-def band_tiles(col_blocks: Tensor, bands: Tensor, q_len: int, kv_len: int, block: int) -> Tensor:
+def band_tiles(col_blocks: Tensor, bands: Tensor, q_len: int, kv_len: int, block: int, span: int = 2) -> Tensor:
     """``[B, H, Qb, Kb]`` tiles of selected key blocks and selected diagonal bands (``[B, H, Kb]`` bool each;
     band ``d`` holds the token diagonals ``d * block .. (d + 1) * block - 1``). Band ``d`` crosses query block
-    ``r`` in key blocks ``L_r - d`` and the one before it, so both block-diagonals are computed."""
+    ``r`` in key blocks ``L_r - d`` and the one before it: ``span=2`` computes both block-diagonals, ``span=1``
+    only ``L_r - d`` (FlexPrefill's official mapping: one tile per band and query block)."""
     kb = col_blocks.shape[-1]
-    diag = bands | torch.nn.functional.pad(bands, (1, 0))[..., :kb]
+    diag = bands | torch.nn.functional.pad(bands, (1, 0))[..., :kb] if span == 2 else bands
     return block_tiles(col_blocks, diag, q_len, kv_len, block)
 
 

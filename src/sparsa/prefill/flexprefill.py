@@ -16,6 +16,11 @@ Lai et al., "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficie
 Defaults from the official code: 128-token blocks, gamma 0.9, tau 0.1, min_budget 1024 (scripts and patch
 default; the README says 512), no max budget; dense when the keys fit in max(2 blocks, min_budget).
 
+Slash budgets and tiles: the official code counts the *token* diagonals that cover ``gamma`` of the slash mass,
+divides by the block and adds one (``slash_count="diagonals"``), and computes one tile per selected band and
+query block (``slash_tiles=1``). sparsa first counted whole bands covering ``gamma`` (``"bands"``) and computed
+both block-diagonals a band crosses (``slash_tiles=2``): more tiles, the same selection order.
+
 sparsa's change: the paper probes with the last query block only, which misses attention that only middle
 queries pay -- measured on this project's reference model, variable tracking kept 0-42% of dense accuracy
 (shared/METHODS.md). Here ``probe_blocks`` query blocks spread evenly over the sequence (always including the
@@ -36,6 +41,7 @@ from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
 from .estimate import group_queries, pool_blocks, probe_scores
+from .vertical_slash import check_slash_tiles, local_bands
 
 
 @register("prefill", "flexprefill")
@@ -50,6 +56,8 @@ class FlexPrefill(Selector):
     # estimation included (1.04x at 32K, 1.48x at 128K; BENCHMARKS.md, session 3: too close at 32K).
     dense_below: int = 131072
     probe_blocks: int = 4
+    slash_count: str = "bands"
+    slash_tiles: int = 2
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,6 +70,9 @@ class FlexPrefill(Selector):
             check_int(self, "max_budget", minimum=1)
         check_block(self)
         check_int(self, "probe_blocks")
+        check_slash_tiles(self)
+        if self.slash_count not in ("diagonals", "bands"):
+            raise ValueError(f"flexprefill: slash_count must be 'diagonals' or 'bands', got {self.slash_count!r}")
 
     def select(self, q: Tensor, k: Tensor, *, layer_idx=None, key_padding_mask=None) -> BlockPattern:
         lq, lk, bs = q.shape[2], k.shape[2], self.block
@@ -69,15 +80,17 @@ class FlexPrefill(Selector):
             return BlockPattern.dense(lq, lk, block_q=bs, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_index = self._probe_index(lq, q.device)
-        # Column scores [B, Hq, Lk]; diagonal scores summed in bands of `block` diagonals [B, Hq, Kb].
-        vertical, s_blocks = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=bs)
+        # Column scores [B, Hq, Lk]; diagonal scores [B, Hq, Lk] by offset ("diagonals") or summed in bands of
+        # `block` diagonals [B, Hq, Kb] ("bands").
+        tokens = self.slash_count == "diagonals"
+        vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=1 if tokens else bs)
         mass = vertical.sum(-1, keepdim=True).clamp(min=1e-12)
-        vertical, s_blocks = vertical / mass, s_blocks / mass  # each sums to 1 per head
+        vertical, slash = vertical / mass, slash / mass  # each sums to 1 per head
+        s_blocks = pool_blocks(slash, lk, bs) if tokens else slash
         v_blocks = pool_blocks(vertical, lk, bs)
         pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
         query_aware = self._js_distance(q, pooled_k, v_blocks, scale) < self.tau  # [B, Hq]
-        s_sorted = torch.sort(s_blocks, dim=-1, descending=True).values
-        n_v, n_s = self._budgets(vertical, s_sorted, query_aware)
+        n_v, n_s = self._budgets(vertical, torch.sort(slash, dim=-1, descending=True).values, query_aware)
         # The query-aware map is built for every head, not only once the device says that some head needs it:
         # asking is a host sync per layer (and a graph break under torch.compile). On layers with no query-aware
         # head the map is wasted: a sort of Qb x Kb entries per head (at 128K tokens a few percent of dense
@@ -89,18 +102,24 @@ class FlexPrefill(Selector):
             extra = self._query_aware_tiles(q, pooled_k, lk, scale) & query_aware[..., None, None]
         # Top key blocks and bands within each head's budgets, their tiles, the query-aware map, the sink and the
         # diagonal, compacted into index lists: two Triton launches on CUDA.
+        # The nearest `block` diagonals are forced whole (the official code forces band 0 only, whose single tile
+        # leaves a block's first queries without their neighbours when band 1 is not picked).
         num, idx = vertical_slash_blocks(v_blocks, s_blocks, n_v, n_s, q_len=lq, kv_len=lk, block=bs,
-                                         extra_tiles=extra)
+                                         forced_bands=local_bands(bs, bs, self.slash_tiles), extra_tiles=extra,
+                                         band_tiles=self.slash_tiles)
         return BlockPattern(num, idx, bs, bs, lq, lk)
 
     def _budgets(self, vertical: Tensor, s_sorted: Tensor, query_aware: Tensor) -> tuple[Tensor, Tensor]:
         """How many vertical blocks and slash bands each head keeps ``[B, Hq, 1]``: enough to cover ``gamma``
         of the probes' mass, within [min_budget, max_budget]; query-aware heads keep only the min_budget floor
-        (their block map does the rest). ``s_sorted``: slash scores in descending order."""
-        bs, kb = self.block, s_sorted.shape[-1]
+        (their block map does the rest). ``s_sorted``: slash scores (per diagonal or per band, as
+        ``slash_count``) in descending order."""
+        bs = self.block
+        kb = -(-vertical.shape[-1] // bs)
         lo, hi = max(self.min_budget // bs, 1), kb if self.max_budget is None else max(self.max_budget // bs, 1)
         n_v = (_cover(torch.sort(vertical, dim=-1, descending=True).values, self.gamma) // bs + 1).clamp(lo, hi)
-        n_s = _cover(s_sorted, self.gamma).clamp(lo, hi)  # bands covering gamma of the diagonal mass
+        n_s = _cover(s_sorted, self.gamma)  # diagonals (or bands) covering gamma of the diagonal mass
+        n_s = (n_s // bs + 1 if self.slash_count == "diagonals" else n_s).clamp(lo, hi)
         return n_v.masked_fill(query_aware, lo)[..., None], n_s.masked_fill(query_aware, lo)[..., None]
 
     @torch.compiler.disable  # host-side and data-dependent (unique): runs eagerly, never inside a compiled graph

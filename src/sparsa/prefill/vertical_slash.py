@@ -15,6 +15,12 @@ Ranking single columns and then computing their whole tiles, as sparsa did first
 block at 32K (measured density 0.99 on the H200, 2026-11-29). Sinks and local diagonals are forced in the
 same way. 128-token tiles by default, FlexAttention's fast size. Patterns are per query head; the density is
 measured by ``density()``.
+
+``slash_tiles``: tiles per selected band and query block. A band of ``block`` diagonals crosses two
+block-diagonals of each query block; ``2`` computes both (every selected diagonal whole, at twice
+MInference's cost per diagonal), ``1`` the one at the band's own offset (one tile of ``block`` keys per band
+and row, as many keys per query as MInference computes for ``block`` slash lines; FlexPrefill's official
+mapping). The local diagonals are forced whole either way.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class VerticalSlash(Selector):
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
     # estimation included (0.32x at 8K, 2.07x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
+    slash_tiles: int = 2
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +59,7 @@ class VerticalSlash(Selector):
         check_int(self, "sink_columns", minimum=0)
         check_int(self, "local_diagonals", minimum=0)
         check_block(self)
+        check_slash_tiles(self)
 
     def select(self, q, k, *, layer_idx=None, key_padding_mask=None):
         lq, lk, bs = q.shape[2], k.shape[2], self.block
@@ -65,5 +73,20 @@ class VerticalSlash(Selector):
         # Triton launches on CUDA (about twenty-five small PyTorch ops otherwise, ~1.4 ms at 32K on the H200).
         num, idx = vertical_slash_blocks(pool_blocks(vertical, lk, bs), bands, min(-(-self.vertical_size // bs), kb),
                                          min(-(-self.slash_size // bs), kb), forced_columns=-(-self.sink_columns // bs),
-                                         forced_bands=-(-self.local_diagonals // bs), q_len=lq, kv_len=lk, block=bs)
+                                         forced_bands=local_bands(self.local_diagonals, bs, self.slash_tiles),
+                                         q_len=lq, kv_len=lk, block=bs, band_tiles=self.slash_tiles)
         return BlockPattern(num, idx, bs, bs, lq, lk)
+
+
+def check_slash_tiles(obj):
+    if obj.slash_tiles not in (1, 2) or isinstance(obj.slash_tiles, bool):
+        raise ValueError(f"{obj.name}: slash_tiles must be 1 or 2, got {obj.slash_tiles!r}")
+
+
+def local_bands(diagonals: int, block: int, tiles: int) -> int:
+    """Bands to force so that the first ``diagonals`` token diagonals are computed whole: with two tiles per band
+    ``ceil(diagonals / block)``; with one, diagonal ``o`` reaches back to block-diagonal ``ceil(o / block)``, so
+    bands ``0 .. ceil((diagonals - 1) / block)``."""
+    if diagonals <= 0:
+        return 0
+    return -(-diagonals // block) if tiles == 2 else -(-(diagonals - 1) // block) + 1
