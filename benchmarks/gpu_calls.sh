@@ -47,6 +47,7 @@
 #   bash benchmarks/gpu_calls.sh s8-slash       # session 8 (x2): one tile per slash band (vertical_slash, flexprefill)
 #                                               # and FlexPrefill's official slash budget, accuracy on GPU 1; GPU 0 every
 #                                               # method timed with the Triton attention kernel, TTFT, 8K again twice
+#   bash benchmarks/gpu_calls.sh s8-profile     # session 8: flexprefill's estimation profiled at 8K-128K
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -467,6 +468,11 @@ case "${1:-}" in
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning > /dev/null
     done
     wait $BP; tail -n 8 "$OUT/bench-slash.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
+  s8-profile)  # one GPU, about 1.5 minutes
+    TRITON_INTERPRET=0 timeout 40 python -m pytest -q -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -1
+    timeout 200 python benchmarks/profile_select.py --lengths 8192,32768,131072 --methods "flexprefill" --top 22 \
+      2>&1 | grep -v Warning | cut -c1-200
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

@@ -89,8 +89,8 @@ def test_full_budget_is_dense_and_small_budget_differs():
     real = _left_padding(2, 260, 40)
     dense = BlockPattern.dense(200, 260, block_q=64, block_k=64, device=DEVICE)
     got = block_sparse_attention(q, k, v, dense, backend="triton", key_padding_mask=real)
-    want, _ = dense_attention(q, k, v, token_mask_of(dense, 2, 4, 2, True, real))
-    torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-5, atol=2e-5)
+    want, _ = dense_attention(q, k, v, token_mask_of(dense.to("cpu"), 2, 4, 2, True, real.cpu()))
+    torch.testing.assert_close(got.cpu(), want.to(got.dtype), rtol=2e-5, atol=2e-5)
     sparse = _random_pattern(1, 1, 200, 260, 64, 64, 0.3, 7)
     assert (block_sparse_attention(q, k, v, sparse, backend="triton", key_padding_mask=real) - got).abs().max() > 1e-2
 
