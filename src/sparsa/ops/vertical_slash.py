@@ -113,12 +113,11 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slas
     stats_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, part_max, part_sum, p, p_pad, lk, TILES=tiles,
                                           **common)
     row_max, row_sum = _merge_splits(part_max, part_sum)
-    vertical = torch.empty(b, hq, lk, dtype=torch.float32, device=k.device)
+    vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
     slash_len = triton.cdiv(lk, slash_block)
     slash = torch.zeros(b, hq, slash_len, dtype=torch.float32, device=k.device)
-    column_pass[(b * hq, triton.cdiv(lk, block_n))](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash,
-                                                     p, p_pad, lk, slash_len, P_TILES=p_tiles,
-                                                     SLASH_BLOCK=slash_block, **common)
+    column_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash, p, p_pad, lk,
+                                           slash_len, TILES=tiles, SLASH_BLOCK=slash_block, **common)
     return vertical, slash
 
 
