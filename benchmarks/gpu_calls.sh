@@ -48,6 +48,8 @@
 #                                               # and FlexPrefill's official slash budget, accuracy on GPU 1; GPU 0 every
 #                                               # method timed with the Triton attention kernel, TTFT, 8K again twice
 #   bash benchmarks/gpu_calls.sh s8-profile     # session 8: flexprefill's estimation profiled at 8K-128K
+#   bash benchmarks/gpu_calls.sh s8-final       # session 8 (x2): the faster probe pass timed (vertical_slash,
+#                                               # flexprefill) with TTFT on GPU 0; their accuracy on GPU 1
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -473,6 +475,18 @@ case "${1:-}" in
     TRITON_INTERPRET=0 timeout 40 python -m pytest -q -p no:cacheprovider tests/test_triton_attention.py 2>&1 | tail -1
     timeout 200 python benchmarks/profile_select.py --lengths 8192,32768,131072 --methods "flexprefill" --top 22 \
       2>&1 | grep -v Warning | cut -c1-200
+    ;;
+  s8-final)  # x2, about 5 minutes
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 330 $B --methods \
+       "dense;vertical_slash;flexprefill;vertical_slash:slash_tiles=1,vertical_size=2048" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-final.jsonl" > "$OUT/bench-final.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_vertical_slash_op.py \
+      tests/test_triton_attention.py 2>&1 | tail -1
+    timeout -s INT 240 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;vertical_slash;vertical_slash:slash_tiles=1;flexprefill;flexprefill:slash_tiles=1,slash_count=diagonals" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    wait $BP; tail -n 8 "$OUT/bench-final.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)
