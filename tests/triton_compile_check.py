@@ -128,6 +128,11 @@ def launches():
         hip_select(HiP(), q[:, :, :1].expand(-1, -1, 4096, -1), k[:, :, :1].expand(-1, -1, 4096, -1)),  # defaults
         hip_select(HiP(block=64, mask_k=256, sliding_window=0), q.float()[:2, :8].expand(2, -1, -1, -1),
                    k.float()[:, :2].expand(2, -1, -1, -1), real)))  # fp32, padding, no window
+    from sparsa.ops import chunk_blocks
+
+    out += record("sparsa.ops._chunk_kernels", ["chunk_rows_kernel"], lambda: (
+        chunk_blocks._chunk_blocks_triton(torch.randn(1, 32, 64, 32), 8192, 8192, 128, 2, 16, 4096),  # defaults
+        chunk_blocks._chunk_blocks_triton(torch.randn(2, 8, 2, 509), 200, 130396, 128, 2, 16, 0)))  # chunked
     from sparsa.ops import triton_attention
     from sparsa.pattern import BlockPattern
 

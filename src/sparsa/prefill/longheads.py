@@ -82,8 +82,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._shapes import device_key, shape_constant
-from ..pattern import BlockPattern, last_visible_block
+from ..ops.chunk_blocks import chunk_blocks
+from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int, check_samples
 from .estimate import sample_rows, sampled_bounds
@@ -142,66 +142,16 @@ class LongHeads(Selector):
             return BlockPattern.dense(lq, lk, block_q=bs, device=dev)
 
         # Forced: chunk 0, the previous..current chunks and, for rows before begin_selective_length, every
-        # causally visible block; then the best-scoring candidate chunks.
-        shape = (batch, hq, -1, -1)
-        blocks = self._layout("forced", lq, lk, dev).expand(shape)
-        ok = self._layout("forced_ok", lq, lk, dev).expand(shape)
+        # causally visible block; then the best-scoring candidate chunks: one Triton launch on CUDA
+        # (sparsa.ops.chunk_blocks; about twenty small PyTorch ops otherwise).
         n_chunks = lk // w
-        ktop = min(self.atten_length // w, n_chunks)
-        if ktop > 0:
+        if n_chunks and self.atten_length // w:
             scores = self._chunk_scores(q, k, n_chunks, key_padding_mask)  # [B, Hq, Qb, n_chunks]
-            cand = self._layout("candidates", lq, lk, dev)
-            top = torch.topk(torch.where(cand, scores, float("-inf")), ktop, dim=-1)
-            # a candidate chunk ends before the query block's chunk: its blocks are causally visible
-            top_blocks = torch.add(self._layout("chunk_block", lq, lk, dev), top.indices[..., None], alpha=per)
-            top_ok = (top.values > float("-inf"))[..., None] & self._layout("slot_ok", lq, lk, dev)
-            blocks = torch.cat((blocks, top_blocks.flatten(-2)), -1)
-            ok = torch.cat((ok, top_ok.flatten(-2)), -1)
-        return BlockPattern.from_index_lists(blocks, ok, q_len=lq, kv_len=lk, block=bs)
-
-    def _layout(self, name: str, lq: int, lk: int, device) -> Tensor:
-        """One of ``_make_layout``'s shape-only tensors; the layout is made once per geometry and device (shared:
-        read only)."""
-        key = ("longheads", lq, lk, self.block, self.window_size, self.atten_length, self.begin_selective_length,
-               device_key(device))
-        return shape_constant(key, lambda: self._make_layout(lq, lk, device))[name]
-
-    def _make_layout(self, lq: int, lk: int, device) -> dict[str, Tensor]:
-        """Per query block: ``forced [Qb, F]``, the key blocks computed whatever the scores, and ``forced_ok``,
-        which of them are; ``candidates [Qb, C]``, the chunks it may pick by score; ``slot_ok [Qb, ktop, per]``,
-        which of the top-scoring slots it uses (repeated for each block of a chunk). ``chunk_block [per]``: the
-        block offsets within a chunk."""
-        bs, w = self.block, self.window_size
-        per, qb, off, begin = w // bs, -(-lq // bs), lk - lq, self.begin_selective_length
-        r = torch.arange(qb, device=device)
-        last = last_visible_block(lq, lk, bs, bs, device)  # [Qb]
-        first_pos = r * bs + off
-        cur_first = first_pos // w
-        cur_last = (((r + 1) * bs).clamp(max=lq) - 1 + off) // w
-        full_row = first_pos < begin  # [Qb]
-
-        # Forced: chunk 0 and the previous..current chunks [max(cur_first - 1, 1), cur_last] (at most 3).
-        loc = (cur_first - 1).clamp(min=1)[:, None] + torch.arange(3, device=device)
-        loc_ok = loc <= cur_last[:, None]
-        chunks = torch.cat((torch.zeros(qb, 1, dtype=torch.long, device=device), loc), -1)  # distinct per row
-        chunk_ok = torch.cat((torch.ones_like(loc_ok[:, :1]), loc_ok), -1) & ~full_row[:, None]
-        chunk_block = torch.arange(per, device=device)
-        blocks = (chunks[..., None] * per + chunk_block).flatten(-2)
-        ok = chunk_ok.repeat_interleave(per, -1) & (blocks <= last[:, None])
-        if off < begin:  # rows before begin_selective_length: every causally visible block
-            row = min(qb - 1, (begin - 1 - off) // bs)  # the last full row
-            last_full = (min((row + 1) * bs, lq) - 1 + off) // bs
-            dense = torch.arange(last_full + 1, device=device).expand(qb, -1)
-            blocks = torch.cat((blocks, dense), -1)
-            ok = torch.cat((ok, (dense <= last[:, None]) & full_row[:, None]), -1)
-
-        # Candidates: the complete chunks [1, cur_first - 1); the top slots beyond the forced chunks' share are unused.
-        total, n_chunks = self.atten_length // w, lk // w
-        c = torch.arange(n_chunks, device=device)
-        n_top = (total - 1 - loc_ok.sum(-1)).clamp(min=0)  # [Qb]
-        slot_ok = (torch.arange(min(total, n_chunks), device=device) < n_top[:, None]) & ~full_row[:, None]
-        return {"forced": blocks, "forced_ok": ok, "candidates": (c >= 1) & (c < cur_first[:, None] - 1),
-                "slot_ok": slot_ok[..., None].expand(-1, -1, per), "chunk_block": chunk_block}
+        else:
+            scores = q.new_empty(batch, hq, qb, n_chunks, dtype=torch.float32)
+        num, idx = chunk_blocks(scores, q_len=lq, kv_len=lk, block=bs, per=per, total=self.atten_length // w,
+                                begin=begin)
+        return BlockPattern(num, idx, bs, bs, lq, lk)
 
     def _chunk_scores(self, q: Tensor, k: Tensor, n_chunks: int, key_padding_mask: Tensor | None = None) -> Tensor:
         """``[B, Hq, Qb, n_chunks]``: per query head and block, max over sampled queries of ``q . chunk_key``.
