@@ -50,6 +50,8 @@
 #   bash benchmarks/gpu_calls.sh s8-profile     # session 8: flexprefill's estimation profiled at 8K-128K
 #   bash benchmarks/gpu_calls.sh s8-final       # session 8 (x2): the faster probe pass timed (vertical_slash,
 #                                               # flexprefill) with TTFT on GPU 0; their accuracy on GPU 1
+#   bash benchmarks/gpu_calls.sh s8-longheads   # session 8: longheads' chunk selection in Triton (tests, speed, 8K in
+#                                               # three processes), flexprefill's estimation profiled again
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -487,6 +489,20 @@ case "${1:-}" in
       --methods "dense;vertical_slash;vertical_slash:slash_tiles=1;flexprefill;flexprefill:slash_tiles=1,slash_count=diagonals" \
       --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
     wait $BP; tail -n 8 "$OUT/bench-final.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"
+    ;;
+  s8-longheads)  # one GPU, about 4 minutes
+    TRITON_INTERPRET=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_chunk_blocks_op.py \
+      tests/test_prefill_longheads.py 2>&1 | tail -1
+    timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;longheads;biformer;hip" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning \
+      | cut -c1-150 | grep "method"
+    for i in 1 2; do
+      timeout -s INT 50 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+        --methods "dense;biformer;hip;longheads" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning \
+        | cut -c1-150 | grep "method"
+    done
+    timeout 60 python benchmarks/profile_select.py --lengths 32768 --methods "flexprefill" --top 12 2>&1 \
+      | grep -v Warning | cut -c1-200 | tail -22
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)
