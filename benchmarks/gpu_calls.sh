@@ -52,6 +52,8 @@
 #                                               # flexprefill) with TTFT on GPU 0; their accuracy on GPU 1
 #   bash benchmarks/gpu_calls.sh s8-longheads   # session 8: longheads' chunk selection in Triton (tests, speed, 8K in
 #                                               # three processes), flexprefill's estimation profiled again
+#   bash benchmarks/gpu_calls.sh s8-last        # session 8: the probe kernels alone (4 / 8 warps), then every default
+#                                               # timed with the session's kernels, TTFT, and 8K in three processes
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -503,6 +505,19 @@ case "${1:-}" in
     done
     timeout 60 python benchmarks/profile_select.py --lengths 32768 --methods "flexprefill" --top 12 2>&1 \
       | grep -v Warning | cut -c1-200 | tail -22
+    ;;
+  s8-last)  # one GPU, about 6 minutes
+    TRITON_INTERPRET=0 timeout 60 python -m pytest -q -p no:cacheprovider tests/test_chunk_blocks_op.py \
+      tests/test_vertical_slash_op.py 2>&1 | tail -1
+    timeout 80 python benchmarks/probe_kernels.py --lengths 32768,131072 2>&1 | grep -v Warning
+    timeout -s INT 200 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;biformer;hip;longheads;vertical_slash;flexprefill" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 \
+      | grep -v Warning | cut -c1-150 | grep "method"
+    for i in 1 2; do
+      timeout -s INT 45 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+        --methods "dense;biformer;hip;longheads" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning \
+        | cut -c1-150 | grep "method"
+    done
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

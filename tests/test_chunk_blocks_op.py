@@ -96,8 +96,8 @@ def test_longheads_selects_the_same_pattern_with_the_triton_op(monkeypatch):
     from sparsa.prefill.longheads import LongHeads
 
     g = torch.Generator().manual_seed(4)
-    q, k = torch.randn(2, 2, 300, 16, generator=g), torch.randn(2, 1, 600, 16, generator=g)
-    real = torch.ones(2, 600, dtype=torch.bool)
+    q, k = torch.randn(2, 2, 300, 16, generator=g).to(DEVICE), torch.randn(2, 1, 600, 16, generator=g).to(DEVICE)
+    real = torch.ones(2, 600, dtype=torch.bool, device=DEVICE)
     real[1, :200] = False
     sel = LongHeads(block=32, window_size=64, atten_length=256, begin_selective_length=128, query_samples=4)
     want = sel.select(q, k, key_padding_mask=real)

@@ -91,9 +91,11 @@ def test_padded_keys_get_no_probability():
     torch.testing.assert_close(want[0][1].sum(-1), torch.full((4,), 8.0, device=DEVICE), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("slash_block,probes", [(16, "tail"), (32, "tail"), (16, "scattered")])
+@pytest.mark.parametrize("slash_block,probes", [(16, "tail"), (32, "tail"), (16, "scattered"), (64, "tail"),
+                                                (128, "tail"), (128, "scattered")])
 def test_banded_slash_matches_pooled_reference(slash_block, probes):
-    """Diagonal sums pooled in bands (three atomics per tile, the rest one by one) equal the pooled reference."""
+    """Diagonal sums pooled in bands equal the pooled reference: a tile of consecutive probes meets two bands of 128
+    diagonals (two sums), three of 64, more of 16 or 32 (one atomic per probability), as do scattered probes."""
     g = torch.Generator().manual_seed(slash_block)
     b, hq, hkv, lk, d = 2, 4, 2, 700, 32
     q_pos = torch.arange(lk - 90, lk) if probes == "tail" else torch.cat([torch.arange(100, 130), torch.arange(650, 700)])

@@ -106,7 +106,12 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
             else:
                 band = tl.where(keep, offset, 0) // SLASH_BLOCK
                 low = tl.maximum(first - (start + BLOCK_N - 1), 0) // SLASH_BLOCK
-                if (last - start) // SLASH_BLOCK <= low + 2:
+                high = (last - start) // SLASH_BLOCK
+                if high <= low + 1:  # bands at least as wide as a probe tile plus a key tile: two sums
+                    for j in range(0, 2):
+                        part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
+                        tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)
+                elif high <= low + 2:
                     for j in range(0, 3):
                         part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
                         tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)

@@ -17,8 +17,8 @@ Ties among chunk scores go to the lower chunk index. Returned as ``(kv_num_block
 
 Two implementations with the same contract: ``naive`` (plain PyTorch: a top-k over the candidates, the forced and
 dense layout, a sort-based compaction; about twenty small kernels, half of LongHeads' selection time at 8K on
-the H200, BENCHMARKS.md session 8) and ``triton`` (one launch, one program per row: the row's blocks scored by
-their chunk, the k-th largest chunk key by a bitonic sort, the compaction). The kernel runs on CUDA, and on the
+the H200, BENCHMARKS.md session 8) and ``triton`` (one launch, one program per row: the k-th largest chunk key
+by a bitonic sort over the row's chunks, then its key blocks kept by their chunk's key, and the compaction). The kernel runs on CUDA, and on the
 CPU under ``TRITON_INTERPRET=1`` for tests.
 """
 
@@ -149,6 +149,7 @@ def _chunk_blocks_triton(scores, q_len, kv_len, block, per, total, begin):
     idx = torch.empty(b, h, qb, w, dtype=torch.int32, device=scores.device)
     chunk_rows_kernel[(b * h * qb,)](scores, num, idx, qb, kb, n_chunks, w, scores.stride(0), scores.stride(1),
                                      scores.stride(2), h, block, per, total, begin, q_len, kv_len - q_len,
+                                     C_P2=triton.next_power_of_2(max(n_chunks, 16)),
                                      KB_P2=triton.next_power_of_2(max(kb, 16)))
     return num, idx
 

@@ -79,7 +79,7 @@ def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: floa
     return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
 
 
-def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1):
+def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=4):
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
@@ -117,7 +117,8 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slas
     slash_len = triton.cdiv(lk, slash_block)
     slash = torch.zeros(b, hq, slash_len, dtype=torch.float32, device=k.device)
     column_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash, p, p_pad, lk,
-                                           slash_len, TILES=tiles, SLASH_BLOCK=slash_block, **common)
+                                           slash_len, TILES=tiles, SLASH_BLOCK=slash_block, num_warps=num_warps,
+                                           **common)
     return vertical, slash
 
 
