@@ -79,7 +79,9 @@ def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: floa
     return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
 
 
-def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=4):
+def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=8):
+    """``num_warps`` of the column pass: 8 ran it 10% faster than 4 on the H200 at 32K and 128K, with 64 and 512
+    probes (BENCHMARKS.md, session 8)."""
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
