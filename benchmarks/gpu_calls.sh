@@ -54,6 +54,7 @@
 #                                               # three processes), flexprefill's estimation profiled again
 #   bash benchmarks/gpu_calls.sh s8-last        # session 8: the probe kernels alone (4 / 8 warps), then every default
 #                                               # timed with the session's kernels, TTFT, and 8K in three processes
+#   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -518,6 +519,11 @@ case "${1:-}" in
         --methods "dense;biformer;hip;longheads" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning \
         | cut -c1-150 | grep "method"
     done
+    ;;
+  s8-rest)  # one GPU, about 2 minutes
+    timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 131072 \
+      --methods "dense;sale;hyper" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning | cut -c1-150 \
+      | grep "method"
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)
