@@ -126,10 +126,10 @@ class BiFormer(Selector):
 
     topk: int = 16
     block: int = 128
-    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200) still wins.
-    # Estimation included (Triton: Quest bounds and top-k in three launches), against SDPA flash / cuDNN at the
-    # defaults: 1.1-1.8x / 0.6-0.9x at 8K (launch-bound: it varies between processes), 3.32x / 1.78x at 16K, 6.3x
-    # at 32K, 23x at 128K (eager; BENCHMARKS.md, session 7). ``cuda_graph=True`` no longer pays (1.6x at 8K).
+    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN, ~1.7-2x flash on the H200) may still win.
+    # Estimation included (Triton: Quest bounds and top-k in three launches), attention in sparsa's Triton kernel,
+    # against SDPA flash / cuDNN at the defaults: 1.8-2.2x / 0.9-1.1x at 8K over six processes (a tie with cuDNN,
+    # so 8K stays dense), 7.3x at 32K, 26x at 128K (eager; BENCHMARKS.md, session 8).
     dense_below: int = 16384
     #: ``"bound"`` (Quest upper bound of each key block against sampled queries, the default) or ``"mean"``
     #: (the paper's mean-pooled block descriptors); see the module docstring

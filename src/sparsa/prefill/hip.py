@@ -127,8 +127,9 @@ class HiP(Selector):
     sink: int = 4
     block: int = 128
     # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
-    # search in Triton), against SDPA flash / cuDNN at the defaults: 0.86-0.96x / 0.45-0.5x at 8K (1.50x flash with
-    # ``cuda_graph=True``), 3.20x / 1.82x at 16K, 6.1x at 32K, 25x at 128K (eager; BENCHMARKS.md, session 7).
+    # search in Triton), attention in sparsa's Triton kernel, against SDPA flash / cuDNN at the defaults: 1.3-2.0x /
+    # 0.6-1.0x at 8K over six processes, 3.20x / 1.82x at 16K (session 7), 6.9x at 32K, 27x at 128K (eager;
+    # BENCHMARKS.md, session 8).
     dense_below: int = 16384
     #: queries per query block whose max scores a node (evenly spaced, the block's last query included)
     query_samples: int = 16

@@ -101,9 +101,10 @@ class LongHeads(Selector):
     #: queries before this position use full attention
     begin_selective_length: int = 4096
     block: int = 128
-    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (the
-    # Quest bounds in Triton), against SDPA flash / cuDNN at the defaults: 0.8-1.25x / 0.4-0.64x at 8K,
-    # 2.28x / 1.22x at 16K, 4.3x at 32K, 16.3x at 128K (eager; BENCHMARKS.md, session 7).
+    # Dense SDPA below this key length, where torch's fastest SDPA (cuDNN) still wins. Estimation included (Quest
+    # bounds and the chunk selection in Triton), attention in sparsa's Triton kernel, against SDPA flash / cuDNN at
+    # the defaults: 1.53-1.55x / 0.78x at 8K, 2.28x / 1.22x at 16K (session 7), 4.8x at 32K, 17.7x at 128K (eager;
+    # BENCHMARKS.md, session 8).
     dense_below: int = 16384
     #: queries per query block whose max scores a chunk (evenly spaced, the block's last query included)
     query_samples: int = 16
