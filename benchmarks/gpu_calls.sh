@@ -55,6 +55,8 @@
 #   bash benchmarks/gpu_calls.sh s8-last        # session 8: the probe kernels alone (4 / 8 warps), then every default
 #                                               # timed with the session's kernels, TTFT, and 8K in three processes
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
+#   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
+#                                               # Triton attention kernel, hip at 8K in two processes
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -524,6 +526,14 @@ case "${1:-}" in
     timeout -s INT 150 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 131072 \
       --methods "dense;sale;hyper" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning | cut -c1-150 \
       | grep "method"
+    ;;
+  s8-check)  # one GPU, about 2 minutes
+    TRITON_INTERPRET=0 timeout 70 python -m pytest -q -p no:cacheprovider tests/test_index_lists_op.py \
+      tests/test_graphs.py tests/test_prefill_hip.py 2>&1 | tail -1
+    for i in 1 2; do
+      timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
+        --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
+    done
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

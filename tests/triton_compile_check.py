@@ -133,6 +133,11 @@ def launches():
     out += record("sparsa.ops._chunk_kernels", ["chunk_rows_kernel"], lambda: (
         chunk_blocks._chunk_blocks_triton(torch.randn(1, 32, 64, 32), 8192, 8192, 128, 2, 16, 4096),  # defaults
         chunk_blocks._chunk_blocks_triton(torch.randn(2, 8, 2, 509), 200, 130396, 128, 2, 16, 0)))  # chunked
+    from sparsa.ops import index_lists
+
+    out += record("sparsa.ops._compact", ["sort_rows_kernel"], lambda: (
+        index_lists._index_lists_triton(torch.zeros(1, 8, 64, 20, dtype=torch.long),
+                                        torch.ones(1, 8, 64, 20, dtype=torch.bool), 8192, 128),))
     from sparsa.ops import triton_attention
     from sparsa.pattern import BlockPattern
 

@@ -217,14 +217,10 @@ class BlockPattern:
         """Pattern from per-row candidate lists ``idx [B, H, Qb, C]`` whose kept entries (``keep``) are distinct
         key blocks, in any order: sorted here, without a device sync (the width is bounded by the block count).
         """
-        kb = -(-kv_len // block)
-        key = torch.where(keep, idx, kb).sort(-1).values
-        num = keep.sum(-1, dtype=torch.int32)
-        width = min(idx.shape[-1], kb)
-        key = key[..., :width]
-        valid = torch.arange(width, device=idx.device) < num[..., None]
-        out = torch.where(valid, key, 0).to(torch.int32)
-        return cls(num.contiguous(), out.contiguous(), block, block, q_len, kv_len)
+        from .ops.index_lists import index_lists  # one Triton launch on CUDA, ~10 small PyTorch ops otherwise
+
+        num, out = index_lists(idx, keep, kv_len=kv_len, block=block)
+        return cls(num, out, block, block, q_len, kv_len)
 
     # ------------------------------------------------------------------------------------ measurements
     def density(self, causal: bool = True) -> float:

@@ -1,4 +1,5 @@
-"""A Triton helper shared by the selection kernels (imported only when Triton is used)."""
+"""Triton helpers shared by the selection kernels, and the row sort of ``sparsa.ops.index_lists`` (imported only
+when Triton is used)."""
 
 import triton
 import triton.language as tl
@@ -13,4 +14,18 @@ def store_row(keep, j, idx_ptr, num_ptr, row, KB, KB_P2: tl.constexpr):
     base = row * KB
     tl.store(idx_ptr + base + j, tl.zeros([KB_P2], tl.int32), mask=(j < KB) & (j >= count))
     tl.store(idx_ptr + base + slot, j.to(tl.int32), mask=keep)
+    tl.store(num_ptr + row, count)
+
+
+@triton.jit
+def sort_rows_kernel(idx_ptr, keep_ptr, num_ptr, out_ptr, C, W, KB, C_P2: tl.constexpr):
+    """One program per row of ``C`` candidates (contiguous rows): the kept ones sorted, then zeros, ``W`` wide."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, C_P2)
+    inside = c < C
+    ix = tl.load(idx_ptr + row * C + c, mask=inside, other=0)
+    kept = tl.load(keep_ptr + row * C + c, mask=inside, other=0) != 0
+    ranked = tl.sort(tl.where(kept, ix, KB).to(tl.int32), 0)  # unkept entries sort last
+    count = tl.sum(kept.to(tl.int32), 0)
+    tl.store(out_ptr + row * W + c, tl.where(c < count, ranked, 0), mask=c < W)
     tl.store(num_ptr + row, count)
