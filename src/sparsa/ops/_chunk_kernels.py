@@ -10,30 +10,22 @@ crosses one.
 import triton
 import triton.language as tl
 
-from ._compact import store_row
+from ._compact import rank_key, row_coords, store_row
 
 
 @triton.jit
 def _chunk_key(s, c, cur_first, C, C_P2: tl.constexpr):
-    """Sort key of chunk ``c`` with score ``s`` (int64; the minimum for a non-candidate): float32 bits made monotone
-    as signed ints in the high word, the reversed chunk index in the low word (the lower chunk wins a tie).
-    Candidates: complete chunks ``1 .. cur_first - 2`` scoring above -inf."""
+    """Sort key of chunk ``c`` with score ``s`` (``rank_key``: the lower chunk wins a tie; the int64 minimum for a
+    non-candidate). Candidates: complete chunks ``1 .. cur_first - 2`` scoring above -inf."""
     s = tl.where(s == 0.0, 0.0, s)  # -0.0 ranks with 0.0, as in torch.sort
     candidate = (c >= 1) & (c < cur_first - 1) & (c < C) & (s > float("-inf"))
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (C_P2 - 1 - c).to(tl.int64)
-    return tl.where(candidate, key, -9223372036854775807 - 1)
+    return tl.where(candidate, rank_key(s, c, C_P2), -9223372036854775807 - 1)
 
 
 @triton.jit
 def chunk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, C, W, s_b, s_h, s_q, H, BS, PER, TOTAL, BEGIN, Q_LEN,
                       OFFSET, C_P2: tl.constexpr, KB_P2: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    r = row % QB
-    bh = row // QB
-    h = bh % H
-    b = bh // H
+    row, r, h, b = row_coords(QB, H)
     j = tl.arange(0, KB_P2)
     first_pos = r * BS + OFFSET
     last_pos = tl.minimum((r + 1) * BS, Q_LEN) - 1 + OFFSET

@@ -29,3 +29,22 @@ def sort_rows_kernel(idx_ptr, keep_ptr, num_ptr, out_ptr, C, W, KB, C_P2: tl.con
     count = tl.sum(kept.to(tl.int32), 0)
     tl.store(out_ptr + row * W + c, tl.where(c < count, ranked, 0), mask=c < W)
     tl.store(num_ptr + row, count)
+
+
+@triton.jit
+def row_coords(QB, H):
+    """``(row, r, h, b)`` of this program, one program per (batch, head, query block) row."""
+    row = tl.program_id(0).to(tl.int64)
+    r = row % QB
+    bh = row // QB
+    return row, r, bh % H, bh // H
+
+
+@triton.jit
+def rank_key(s, index, P2: tl.constexpr):
+    """An int64 sort key of float32 scores ``s`` that orders by score, then by lower ``index`` (so keys are
+    distinct and ties break the same way every run): the float bits made monotone as signed ints in the high
+    word, the reversed index in the low word."""
+    bits = s.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (P2 - 1 - index).to(tl.int64)

@@ -8,17 +8,13 @@ compile-time size), so a new prompt length recompiles only when the block count 
 import triton
 import triton.language as tl
 
-from ._compact import store_row
+from ._compact import rank_key, row_coords, store_row
 
 
 @triton.jit
 def topk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, s_b, s_h, s_q, H, TOPK, BQ, BK, Q_LEN, OFFSET,
                      SINK, LOCAL, KB_P2: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    r = row % QB
-    bh = row // QB
-    h = bh % H
-    b = bh // H
+    row, r, h, b = row_coords(QB, H)
     j = tl.arange(0, KB_P2)
     in_row = j < KB
     s = tl.load(score_ptr + b * s_b + h * s_h + r * s_q + j, mask=in_row, other=float("-inf"))
@@ -27,12 +23,7 @@ def topk_rows_kernel(score_ptr, num_ptr, idx_ptr, QB, KB, s_b, s_h, s_q, H, TOPK
     visible = in_row & (j <= last)
     forced = visible & ((j < SINK) | ((j < last) & (j >= last - LOCAL)))
     candidate = visible & (forced == 0) & (s > float("-inf"))
-    # A sort key that orders by score, then by lower block index (so ties are broken the same way every run):
-    # float32 bits made monotone as signed ints in the high word, the reversed index in the low word.
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (KB_P2 - 1 - j).to(tl.int64)
-    key = tl.where(candidate, key, -9223372036854775807 - 1)
+    key = tl.where(candidate, rank_key(s, j, KB_P2), -9223372036854775807 - 1)
     n_candidates = tl.sum(candidate.to(tl.int32), 0)
     if TOPK < n_candidates:
         ranked = tl.sort(key, 0, descending=True)

@@ -10,7 +10,7 @@ crosses one.
 import triton
 import triton.language as tl
 
-from ._compact import store_row
+from ._compact import rank_key, store_row
 
 
 @triton.jit
@@ -19,12 +19,7 @@ def _top_flags(s, j, in_row, count, forced, KB, KB_P2: tl.constexpr):
     # torch.sort ranks -0.0 with 0.0 and every NaN above +inf; the bit pattern would not, so canonicalise both.
     s = tl.where(s == 0.0, 0.0, s)
     s = tl.where(s != s, float("nan"), s)
-    # Sort key: float32 bits made monotone as signed ints in the high word, the reversed index in the low word
-    # (so keys are distinct and the lower index ranks first among equal scores).
-    bits = s.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = (ordered.to(tl.int64) << 32) | (KB_P2 - 1 - j).to(tl.int64)
-    key = tl.where(in_row, key, -9223372036854775807 - 1)
+    key = tl.where(in_row, rank_key(s, j, KB_P2), -9223372036854775807 - 1)  # the lower index wins a tie
     count = tl.minimum(tl.maximum(count, 0), KB)
     ranked = tl.sort(key, 0, descending=True)
     kth = tl.sum(tl.where(j == count - 1, ranked, 0), 0)  # the count-th largest key
