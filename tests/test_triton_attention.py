@@ -137,8 +137,15 @@ def test_backend_choice_and_errors():
     with pytest.raises(ValueError, match="does not take this case"):
         block_sparse_attention(q.detach().double(), q.detach().double(), q.detach().double(), pattern,
                                backend="triton")
-    # auto never picks triton off CUDA, nor where a gradient is needed
+    # auto never picks triton off CUDA, nor where a gradient is needed, nor for short query runs (FlexAttention's
+    # decoding kernel splits the keys across programs there)
     assert attention.select_backend("auto", q.detach(), pattern=pattern) == "reference"
+    assert not attention._triton_applies(q, q, q, pattern)
+    if triton_available():
+        long_q = torch.randn(1, 2, 128, 16)
+        assert attention._triton_applies(long_q, long_q, long_q, BlockPattern.dense(128, 128, block_q=32, block_k=32))
+        short = torch.randn(1, 2, 127, 16)
+        assert not attention._triton_applies(short, short, short, BlockPattern.dense(127, 127, block_q=32, block_k=32))
 
 
 @needs_triton

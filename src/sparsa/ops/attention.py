@@ -46,8 +46,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
         key_padding_mask: ``[B, Lk]`` bool, True for real keys.
         backend: ``"triton"`` (one Triton launch, forward only; ``sparsa.ops.triton_attention``), ``"flex"``
             (compiled FlexAttention), ``"reference"`` (plain PyTorch, linear memory) or ``"auto"``: on CUDA triton
-            where it applies (no token-level mask, no gradient needed, fp16 / bf16 / fp32, head dim <= 256) and
-            flex otherwise; reference elsewhere. A Triton kernel that fails warns once and hands over to flex.
+            where it applies (at least 128 queries, no token-level mask, no gradient needed, fp16 / bf16 / fp32,
+            head dim <= 256) and flex otherwise; reference elsewhere. A Triton kernel that fails warns once and hands over to flex.
         validate: check the pattern's index values (one pass, one sync).
 
     Returns:
@@ -149,13 +149,19 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Shortest query run that ``auto`` gives to the Triton kernel: it runs one program per query tile and head and
+# walks each program's keys in sequence, while compiled FlexAttention switches to its decoding kernel below 128
+# queries and splits the keys across programs (a few hundred programs of a 128K-key walk each would idle the GPU).
+TRITON_MIN_QUERIES = 128
+
+
 def _triton_applies(q: Tensor, k: Tensor | None, v: Tensor | None, pattern: BlockPattern) -> bool:
     from ._fallback import failed_ops
     from .triton_attention import supports
     from .vertical_slash import triton_available
 
-    return (triton_available() and "block_sparse_attention" not in failed_ops() and not _needs_grad(q, k, v)
-            and supports(pattern, q, v if v is not None else q))
+    return (q.shape[2] >= TRITON_MIN_QUERIES and triton_available() and "block_sparse_attention" not in failed_ops()
+            and not _needs_grad(q, k, v) and supports(pattern, q, v if v is not None else q))
 
 
 def _check_inputs(q, k, v, key_padding_mask, backend):
