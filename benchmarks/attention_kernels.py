@@ -78,7 +78,8 @@ def main(argv=None):
     ap.add_argument("--model", default="ref-small")
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--methods", default="dense,biformer,hip,longheads,vertical_slash")
-    ap.add_argument("--configs", default="", help="Triton tile configurations BLOCK_MxBLOCK_NxWARPSxSTAGES, comma-separated")
+    ap.add_argument("--configs", default="",
+                    help="Triton tile configurations BLOCK_MxBLOCK_NxWARPSxSTAGES, comma-separated")
     ap.add_argument("--jsonl", default=os.path.join(os.environ.get("OUT", "."), "attention_kernels.jsonl"))
     args = ap.parse_args(argv)
     model, tokenizer = load_model(resolve_model(args.model), "cuda")

@@ -47,7 +47,8 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: BlockPatter
         backend: ``"triton"`` (one Triton launch, forward only; ``sparsa.ops.triton_attention``), ``"flex"``
             (compiled FlexAttention), ``"reference"`` (plain PyTorch, linear memory) or ``"auto"``: on CUDA triton
             where it applies (at least 128 queries, no token-level mask, no gradient needed, fp16 / bf16 / fp32,
-            head dim <= 256) and flex otherwise; reference elsewhere. A Triton kernel that fails warns once and hands over to flex.
+            head dim <= 256) and flex otherwise; reference elsewhere. A Triton kernel that fails warns once and
+            hands over to flex.
         validate: check the pattern's index values (one pass, one sync).
 
     Returns:
