@@ -57,6 +57,8 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
+#   bash benchmarks/gpu_calls.sh s9-verify      # not yet run: every Triton op's tests and the CUDA-graph tests on the
+#                                               # device, stopping at the first failure with its text
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -534,6 +536,12 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-verify)  # one GPU, about 2 minutes: the s8-check failure (hip's graph test config) fixed? everything on the device
+    TRITON_INTERPRET=0 timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_graphs.py \
+      tests/test_triton_attention.py tests/test_index_lists_op.py tests/test_chunk_blocks_op.py \
+      tests/test_vertical_slash_op.py tests/test_vertical_slash_blocks_op.py tests/test_quest_op.py \
+      tests/test_hip_search_op.py tests/test_topk_blocks_op.py tests/test_prefill_hip.py 2>&1 | tail -30
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)
