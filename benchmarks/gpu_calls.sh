@@ -542,6 +542,7 @@ case "${1:-}" in
       tests/test_triton_attention.py tests/test_index_lists_op.py tests/test_chunk_blocks_op.py \
       tests/test_vertical_slash_op.py tests/test_vertical_slash_blocks_op.py tests/test_quest_op.py \
       tests/test_hip_search_op.py tests/test_topk_blocks_op.py tests/test_prefill_hip.py 2>&1 | tail -30
+    timeout 80 python benchmarks/probe_kernels.py --lengths 32768,131072 2>&1 | grep -v Warning
     ;;
   s7-check)  # one GPU, about 1.5 minutes: the Triton ops' tests on the device (s7-last's pytest ran past its limit
              # beside a bench), then 8K timed with nothing else on the machine (s7-last ran beside a bench)

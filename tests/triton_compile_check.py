@@ -118,7 +118,9 @@ def launches():
         num, idx, None, None, torch.arange(32) // 4, True, 128, 128, 0, 1000, 8))
     probes = q[:, :, -64:]
     out += record("sparsa.ops._vertical_slash_kernels", ["stats_pass", "column_pass"],
-                  lambda: vertical_slash._vertical_slash_triton(probes, k, torch.arange(936, 1000), 0.088, None, 64))
+                  lambda: (vertical_slash._vertical_slash_triton(probes, k, torch.arange(936, 1000), 0.088, None, 64),
+                           vertical_slash._vertical_slash_triton(q[:, :, -200:], k, torch.arange(800, 1000), 0.088,
+                                                                 None, 128, column_partials=True)))
     qi = torch.randint(-7, 8, (1, 32, 1000, 128), dtype=torch.int8)
     ki = torch.randint(-7, 8, (1, 8, 1000, 128), dtype=torch.int8)
     f = lambda *s: torch.rand(*s)  # noqa: E731

@@ -71,10 +71,12 @@ def stats_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, P, P_PAD, LK, 
 def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, slash_ptr, P, P_PAD, LK, SLASH_LEN,
                 D: tl.constexpr, HQ: tl.constexpr, GROUP: tl.constexpr, SCALE: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, TILES: tl.constexpr,
-                SLASH_BLOCK: tl.constexpr):
+                SLASH_BLOCK: tl.constexpr, COL_PARTIALS: tl.constexpr):
     """Pass 2, program (head, probe tile, key split), the layout of pass 1: the probe tile is loaded once and
-    walks the split's key tiles. Normalised probabilities; column sums and diagonal sums added atomically (the
-    probe tiles of a head share them) -- per diagonal (``SLASH_BLOCK`` 1), or per band of ``SLASH_BLOCK``
+    walks the split's key tiles. Normalised probabilities; column sums added atomically (the probe tiles of a
+    head share them) or, with ``COL_PARTIALS``, stored per probe tile (``vert_ptr`` then holds ``[probe tiles,
+    B * Hq, LK]``, summed by the caller: no atomics, and the same sums every run); diagonal sums added
+    atomically -- per diagonal (``SLASH_BLOCK`` 1), or per band of ``SLASH_BLOCK``
     diagonals: a tile of consecutive probes meets at most three bands of a key tile, so three sums and three
     atomics; only scattered probes fall back to one atomic per probability.
 
@@ -99,7 +101,11 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
                                     BLOCK_N)
             keep = visible & real[:, None]
             prob = tl.where(keep, tl.exp2(s - row_max[:, None]), 0.0) * inv[:, None]
-            tl.atomic_add(vert_ptr + bh * LK + n, tl.sum(prob, 0), mask=n < LK)
+            if COL_PARTIALS:
+                tile_row = tl.program_id(1) * tl.num_programs(0) + bh
+                tl.store(vert_ptr + tile_row.to(tl.int64) * LK + n, tl.sum(prob, 0), mask=n < LK)
+            else:
+                tl.atomic_add(vert_ptr + bh * LK + n, tl.sum(prob, 0), mask=n < LK)
             offset = pos[:, None] - n[None, :]
             if SLASH_BLOCK == 1:
                 tl.atomic_add(slash_ptr + bh * SLASH_LEN + offset, prob, mask=keep)

@@ -79,9 +79,11 @@ def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: floa
     return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
 
 
-def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=8):
+def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=8,
+                           column_partials=False):
     """``num_warps`` of the column pass: 8 ran it 10% faster than 4 on the H200 at 32K and 128K, with 64 and 512
-    probes (BENCHMARKS.md, session 8)."""
+    probes (BENCHMARKS.md, session 8). ``column_partials``: column sums stored per probe tile and summed here,
+    instead of atomic adds (deterministic; not yet timed on a GPU, so not the default)."""
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
@@ -115,13 +117,14 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slas
     stats_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, part_max, part_sum, p, p_pad, lk, TILES=tiles,
                                           **common)
     row_max, row_sum = _merge_splits(part_max, part_sum)
-    vertical = torch.zeros(b, hq, lk, dtype=torch.float32, device=k.device)
+    partials = column_partials and p_tiles > 1  # one probe tile: each column is written once either way
+    vertical = torch.zeros(p_tiles if partials else 1, b, hq, lk, dtype=torch.float32, device=k.device)
     slash_len = triton.cdiv(lk, slash_block)
     slash = torch.zeros(b, hq, slash_len, dtype=torch.float32, device=k.device)
     column_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, row_max, row_sum, vertical, slash, p, p_pad, lk,
-                                           slash_len, TILES=tiles, SLASH_BLOCK=slash_block, num_warps=num_warps,
-                                           **common)
-    return vertical, slash
+                                           slash_len, TILES=tiles, SLASH_BLOCK=slash_block, COL_PARTIALS=partials,
+                                           num_warps=num_warps, **common)
+    return vertical.sum(0) if partials else vertical[0], slash
 
 
 def _merge_splits(part_max: Tensor, part_sum: Tensor) -> tuple[Tensor, Tensor]:
