@@ -47,12 +47,12 @@ def main(argv=None):
                     return _vertical_slash_triton(qp, k, index, scale, None, 128, num_warps=warps,
                                                   column_partials=partials)
                 out = call()
-                first = first or out
+                first = out if first is None else first
                 diff = max(float((a - b).abs().max()) for a, b in zip(out, first))
                 ms = median_ms(call)
                 print(f"  {name} probes, column pass {warps} warps{', partials' if partials else ''}: {ms:.3f} ms "
                       f"({100 * ms / sdpa:.1f}% of SDPA), largest difference from the first {diff:.2e}")
-        del q, k
+        q = k = qp = None  # free the activations before the next length
         torch.cuda.empty_cache()
 
 
