@@ -21,7 +21,6 @@ def candidates(b, h, qb, c, kb, seed, dtype=torch.int64):
     idx = torch.stack([torch.randperm(max(kb, c), generator=g)[:c] for _ in range(b * h * qb)]).view(b, h, qb, c)
     idx = torch.where(idx < kb, idx, torch.randint(0, kb, idx.shape, generator=g))  # c > kb: repeats, unkept below
     keep = torch.rand(b, h, qb, c, generator=g) < 0.6
-    first = {}
     for row in range(b * h * qb):  # a repeated block is kept at most once
         flat_i, flat_k = idx.view(-1, c)[row], keep.view(-1, c)[row]
         seen = set()

@@ -90,12 +90,9 @@ def chunk_blocks_naive(scores: Tensor, *, q_len: int, kv_len: int, block: int, p
         top_blocks = order[..., None] * per + torch.arange(per, device=scores.device)
         blocks = torch.cat((blocks, top_blocks.flatten(-2)), -1)
         ok = torch.cat((ok, top_ok.flatten(-2)), -1)
+    # the candidate lists are width() wide before the cap at Kb, so the index lists come out width() wide
     pattern = BlockPattern.from_index_lists(blocks, ok, q_len=q_len, kv_len=kv_len, block=block)
-    num, idx = pattern.kv_num_blocks, pattern.kv_indices
-    w = width(q_len, kv_len, block, per, total, begin)
-    if idx.shape[-1] < w:
-        idx = torch.nn.functional.pad(idx, (0, w - idx.shape[-1]))
-    return num, idx[..., :w].contiguous()
+    return pattern.kv_num_blocks, pattern.kv_indices
 
 
 def _layout(q_len, kv_len, block, per, total, begin, device) -> dict[str, Tensor]:

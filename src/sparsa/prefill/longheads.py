@@ -146,7 +146,7 @@ class LongHeads(Selector):
         # causally visible block; then the best-scoring candidate chunks: one Triton launch on CUDA
         # (sparsa.ops.chunk_blocks; about twenty small PyTorch ops otherwise).
         n_chunks = lk // w
-        if n_chunks and self.atten_length // w:
+        if n_chunks:
             scores = self._chunk_scores(q, k, n_chunks, key_padding_mask)  # [B, Hq, Qb, n_chunks]
         else:
             scores = q.new_empty(batch, hq, qb, n_chunks, dtype=torch.float32)
