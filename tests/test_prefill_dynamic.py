@@ -45,6 +45,13 @@ def test_full_budget_equals_dense(name, b, hq, hkv, lq, lk):
     torch.testing.assert_close(out.double(), _dense(q, k, v), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_weighted_slash_tiles_with_a_full_budget_equal_dense(name):
+    q, k, v = _qkv(2, 8, 2, 333, 400)
+    pattern = CLASSES[name](**FULL[name], slash_tiles="weighted").select(q, k).validate()
+    assert pattern.density() == 1.0
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_small_budget_differs_and_is_sparse(name):
     q, k, v = _qkv(2, 8, 2, 600, 700, seed=1)
@@ -101,18 +108,71 @@ def test_flexprefill_query_aware_and_vertical_slash_heads_both_run():
 
 
 @pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
-def test_one_tile_per_band_is_sparser_and_keeps_the_local_diagonals(name):
+@pytest.mark.parametrize("mode", [1, "weighted"])
+def test_one_tile_per_band_is_sparser_and_keeps_the_local_diagonals(name, mode):
     q, k, v = _qkv(2, 8, 2, 600, 700, seed=4)
     small = dict(SMALL[name], **({"gamma": 0.1} if name == "flexprefill" else {}))
     two = CLASSES[name](**small).select(q, k)
-    one = CLASSES[name](**small, slash_tiles=1).select(q, k)
+    one = CLASSES[name](**small, slash_tiles=mode).select(q, k)
     assert one.density() < two.density()
-    assert not (one.to_block_mask() & ~two.to_block_mask()).any()  # a subset: the same bands, fewer tiles
+    if mode == 1:
+        assert not (one.to_block_mask() & ~two.to_block_mask()).any()  # a subset: the same bands, fewer tiles
     # every query sees its own block and the one before it (the forced local diagonals, whole)
     tiles = one.to_block_mask()
     rows = torch.arange(tiles.shape[2])
     last = (torch.clamp((rows + 1) * 32, max=600) - 1 + 100) // 32
     assert tiles[..., rows, last].all() and tiles[..., rows, last - 1].all()
+
+
+def test_block_diagonal_scores_split_each_diagonal_by_its_entries_in_each_tile():
+    from sparsa.prefill.estimate import block_diagonal_scores
+
+    g = torch.Generator().manual_seed(6)
+    block, lk = 32, 300
+    slash = torch.rand(2, 3, lk, generator=g)
+    got = block_diagonal_scores(slash, 1, lk, block)
+    o = torch.arange(lk, dtype=torch.float64)
+    t = torch.arange(-(-lk // block), dtype=torch.float64)
+    weight = (1 - (o[None, :] - block * t[:, None]).abs() / block).clamp(min=0)  # [Kb, Lk]
+    torch.testing.assert_close(got.double(), slash.double() @ weight.T, rtol=1e-5, atol=1e-5)
+    # Half-band sums give the same scores when the mass is even within each half band.
+    even = slash.view(2, 3, -1)[..., :lk // 16 * 16].reshape(2, 3, -1, 16).mean(-1, keepdim=True)
+    flat = even.expand(-1, -1, -1, 16).reshape(2, 3, -1)
+    halves = flat.view(2, 3, -1, 16).sum(-1)
+    torch.testing.assert_close(block_diagonal_scores(halves, 16, flat.shape[-1], block),
+                               block_diagonal_scores(flat, 1, flat.shape[-1], block))
+    # Each diagonal's mass is split, nothing made up: only the last block-diagonal's far side is lost.
+    last = (-(-lk // block) - 1) * block
+    lost = (slash[..., last:] * (o[last:] - last).float() / block).sum(-1)
+    torch.testing.assert_close(got.sum(-1), slash.sum(-1) - lost)
+
+
+def _diagonal_attention(offset, b=1, hq=2, hkv=1, length=640, d=64, seed=7):
+    """q and k where every query attends almost only to the key ``offset`` positions before it."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.nn.functional.normalize(torch.randn(b, hkv, length, d, generator=g), dim=-1)
+    q = torch.cat([torch.zeros(b, hkv, offset, d), 200 * k[:, :, : length - offset]], 2).repeat_interleave(hq // hkv, 1)
+    v = torch.randn(b, hkv, length, d, generator=g)
+    return q, k, v
+
+
+@pytest.mark.parametrize("name", ["vertical_slash", "flexprefill"])
+def test_weighted_slash_tiles_go_where_the_diagonal_mass_is(name):
+    """All attention on token diagonal 90 = 2 * 32 + 26: the band holding it is band 2, but a tile on
+    block-diagonal 2 holds 6 of each query block's 32 entries of it, one on block-diagonal 3 holds 26. With one
+    tile per band (``slash_tiles=1``) band 2's tile is computed; ``"weighted"`` computes block-diagonal 3's."""
+    q, k, v = _diagonal_attention(90)
+    params = (dict(vertical_size=32, slash_size=32, sink_columns=0, local_diagonals=1, last_q=64, block=32)
+              if name == "vertical_slash" else dict(gamma=0.5, tau=0.0, min_budget=32, block=32))
+    one = CLASSES[name](**params, slash_tiles=1).select(q, k)
+    weighted = CLASSES[name](**params, slash_tiles="weighted").select(q, k)
+    rows = torch.arange(5, 20)
+    assert weighted.to_block_mask()[..., rows, rows - 3].all()
+    assert not one.to_block_mask()[..., rows, rows - 3].all()
+    dense = _dense(q, k, v)
+    err = {mode: (block_sparse_attention(q, k, v, p, backend="reference").double() - dense).abs().mean()
+           for mode, p in (("one", one), ("weighted", weighted))}
+    assert err["weighted"] < 0.5 * err["one"]
 
 
 def test_vertical_slash_local_bands():
@@ -139,6 +199,7 @@ def test_flexprefill_slash_count_diagonals_needs_fewer_bands():
 
 @pytest.mark.parametrize("bad", [dict(gamma=0.0), dict(gamma=1.5), dict(tau=-1), dict(min_budget=0),
                                  dict(block=48), dict(probe_blocks=0), dict(slash_tiles=3),
+                                 dict(slash_tiles="bands"),
                                  dict(slash_count="tokens")])
 def test_flexprefill_bad_parameters(bad):
     with pytest.raises(ValueError):

@@ -86,7 +86,9 @@ def test_selectors_give_the_same_pattern_with_the_triton_estimate(monkeypatch):
     q = torch.randn(2, 4, 400, 32, generator=g).to(DEVICE)
     k = torch.randn(2, 2, 450, 32, generator=g).to(DEVICE)
     selectors = [VerticalSlash(vertical_size=20, slash_size=40, block=32),
-                 FlexPrefill(gamma=0.6, min_budget=32, block=32)]
+                 FlexPrefill(gamma=0.6, min_budget=32, block=32),
+                 VerticalSlash(vertical_size=20, slash_size=40, block=32, slash_tiles="weighted"),
+                 FlexPrefill(gamma=0.6, min_budget=32, block=32, slash_tiles="weighted")]
     want = [s.select(q, k).to_block_mask() for s in selectors]
     real = op.vertical_slash_scores
     monkeypatch.setattr(op, "vertical_slash_scores", lambda *a, **kw: real(*a, **{**kw, "backend": "triton"}))

@@ -79,11 +79,16 @@ def vertical_slash_scores(q_probe: Tensor, k: Tensor, q_pos: Tensor, scale: floa
     return _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask, slash_block)
 
 
+PARTIALS_MAX_BYTES = 256 << 20  # per-probe-tile column sums beyond this: atomic adds instead
+
+
 def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slash_block=1, num_warps=8,
-                           column_partials=False):
+                           column_partials=None):
     """``num_warps`` of the column pass: 8 ran it 10% faster than 4 on the H200 at 32K and 128K, with 64 and 512
     probes (BENCHMARKS.md, session 8). ``column_partials``: column sums stored per probe tile and summed here,
-    instead of atomic adds (deterministic; not yet timed on a GPU, so not the default)."""
+    instead of atomic adds: deterministic, and 5-7% faster with 512 probes at 32K and 128K on the H200 (equal
+    with 64 probes; BENCHMARKS.md, session 9). ``None`` uses them while the partial sums take at most
+    ``PARTIALS_MAX_BYTES``; beyond that (large batches at long lengths) the atomic adds need no extra memory."""
     import triton
 
     from ._vertical_slash_kernels import column_pass, stats_pass
@@ -117,6 +122,8 @@ def _vertical_slash_triton(q_probe, k, q_pos, scale, key_padding_mask=None, slas
     stats_pass[(b * hq, p_tiles, nsplit)](q_probe, k, q_pos, bias, part_max, part_sum, p, p_pad, lk, TILES=tiles,
                                           **common)
     row_max, row_sum = _merge_splits(part_max, part_sum)
+    if column_partials is None:
+        column_partials = p_tiles * b * hq * lk * 4 <= PARTIALS_MAX_BYTES
     partials = column_partials and p_tiles > 1  # one probe tile: each column is written once either way
     vertical = torch.zeros(p_tiles if partials else 1, b, hq, lk, dtype=torch.float32, device=k.device)
     slash_len = triton.cdiv(lk, slash_block)

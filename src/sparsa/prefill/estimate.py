@@ -37,6 +37,23 @@ def probe_scores(q: Tensor, k: Tensor, q_index: Tensor, scale: float,
                                  slash_block=slash_block)
 
 
+def block_diagonal_scores(slash: Tensor, width: int, kv_len: int, block: int) -> Tensor:
+    """Slash mass one tile on each block-diagonal covers ``[B, H, Kb]``, from diagonal sums in bins of ``width``
+    token diagonals (``[B, H, ceil(kv_len / width)]``; ``width`` divides ``block``; 1: per diagonal).
+
+    A tile on block-diagonal ``t`` (query block ``r``, key block ``last_r - t``) holds ``block - |o - t * block|``
+    entries of token diagonal ``o``, so it covers that diagonal's mass with weight ``1 - |o - t * block| / block``:
+    every diagonal's mass is split between the two block-diagonals it crosses, the weights summing to 1. A bin
+    takes the mean weight of its diagonals (exact for ``width`` 1, and for mass spread evenly within a bin)."""
+    nb = block // width
+    kb = -(-kv_len // block)
+    x = slash[..., : kb * nb].float()
+    x = torch.nn.functional.pad(x, (nb, kb * nb - x.shape[-1]))  # row 0: offsets -block..-1 (none)
+    rows = x.view(*x.shape[:-1], kb + 1, nb)  # row m: offsets (m - 1) * block .. m * block - 1
+    rise = (torch.arange(block, dtype=torch.float32, device=x.device).view(nb, width).mean(-1)) / block
+    return rows[..., :-1, :] @ rise + rows[..., 1:, :] @ (1 - rise)
+
+
 def pool_blocks(x: Tensor, length: int, block: int) -> Tensor:
     """Sum over blocks of the last dim (of size ``length``): ``[..., L] -> [..., ceil(L / block)]``."""
     from ..ops.vertical_slash import pool_sum

@@ -20,6 +20,8 @@ Slash budgets and tiles: the official code counts the *token* diagonals that cov
 divides by the block and adds one (``slash_count="diagonals"``), and computes one tile per selected band and
 query block (``slash_tiles=1``). sparsa first counted whole bands covering ``gamma`` (``"bands"``) and computed
 both block-diagonals a band crosses (``slash_tiles=2``): more tiles, the same selection order.
+``slash_tiles="weighted"`` ranks block-diagonals by the mass one of their tiles covers (as in vertical_slash);
+with ``"bands"`` the count covers ``gamma`` of those scores.
 
 sparsa's change: the paper probes with the last query block only, which misses attention that only middle
 queries pay -- measured on this project's reference model, variable tracking kept 0-42% of dense accuracy
@@ -40,8 +42,8 @@ from ..ops.vertical_slash_blocks import vertical_slash_blocks
 from ..pattern import BlockPattern, causal_block_mask
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import group_queries, pool_blocks, probe_scores
-from .vertical_slash import check_slash_tiles, local_bands
+from .estimate import block_diagonal_scores, group_queries, pool_blocks, probe_scores
+from .vertical_slash import check_slash_tiles, local_bands, slash_width, tiles_per_band
 
 
 @register("prefill", "flexprefill")
@@ -83,14 +85,19 @@ class FlexPrefill(Selector):
         # Column scores [B, Hq, Lk]; diagonal scores [B, Hq, Lk] by offset ("diagonals") or summed in bands of
         # `block` diagonals [B, Hq, Kb] ("bands").
         tokens = self.slash_count == "diagonals"
-        vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=1 if tokens else bs)
+        width = 1 if tokens else slash_width(self.slash_tiles, bs)
+        vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=width)
         mass = vertical.sum(-1, keepdim=True).clamp(min=1e-12)
         vertical, slash = vertical / mass, slash / mass  # each sums to 1 per head
-        s_blocks = pool_blocks(slash, lk, bs) if tokens else slash
+        if self.slash_tiles == "weighted":  # one score per block-diagonal: the mass one of its tiles covers
+            s_blocks = block_diagonal_scores(slash, width, lk, bs)
+        else:
+            s_blocks = pool_blocks(slash, lk, bs) if tokens else slash
         v_blocks = pool_blocks(vertical, lk, bs)
         pooled_k = _mean_pool(k, lk, bs)  # [B, Hkv, Kb, D]
         query_aware = self._js_distance(q, pooled_k, v_blocks, scale) < self.tau  # [B, Hq]
-        n_v, n_s = self._budgets(vertical, torch.sort(slash, dim=-1, descending=True).values, query_aware)
+        n_v, n_s = self._budgets(vertical, torch.sort(slash if tokens else s_blocks, dim=-1, descending=True).values,
+                                 query_aware)
         # The query-aware map is built for every head, not only once the device says that some head needs it:
         # asking is a host sync per layer (and a graph break under torch.compile). On layers with no query-aware
         # head the map is wasted: a sort of Qb x Kb entries per head (at 128K tokens a few percent of dense
@@ -105,8 +112,8 @@ class FlexPrefill(Selector):
         # The nearest `block` diagonals are forced whole (the official code forces band 0 only, whose single tile
         # leaves a block's first queries without their neighbours when band 1 is not picked).
         num, idx = vertical_slash_blocks(v_blocks, s_blocks, n_v, n_s, q_len=lq, kv_len=lk, block=bs,
-                                         forced_bands=local_bands(bs, bs, self.slash_tiles), extra_tiles=extra,
-                                         band_tiles=self.slash_tiles)
+                                         forced_bands=local_bands(bs, bs, tiles_per_band(self)), extra_tiles=extra,
+                                         band_tiles=tiles_per_band(self))
         return BlockPattern(num, idx, bs, bs, lq, lk)
 
     def _budgets(self, vertical: Tensor, s_sorted: Tensor, query_aware: Tensor) -> tuple[Tensor, Tensor]:

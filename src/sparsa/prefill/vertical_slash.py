@@ -20,7 +20,10 @@ measured by ``density()``.
 block-diagonals of each query block; ``2`` computes both (every selected diagonal whole, at twice
 MInference's cost per diagonal), ``1`` the one at the band's own offset (one tile of ``block`` keys per band
 and row, as many keys per query as MInference computes for ``block`` slash lines; FlexPrefill's official
-mapping). The local diagonals are forced whole either way.
+mapping). ``"weighted"`` ranks the block-diagonals themselves by the slash mass one of their tiles covers (each
+token diagonal's mass split between the two block-diagonals it crosses, in proportion to its entries in each;
+diagonal sums from the probes in half-bands), and computes one tile per selected block-diagonal: the budget of
+``1``, spent where the mass is. The local diagonals are forced whole in every mode.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..ops.vertical_slash_blocks import vertical_slash_blocks
 from ..pattern import BlockPattern
 from ..registry import register
 from .base import Selector, check_block, check_int
-from .estimate import pool_blocks, probe_scores
+from .estimate import block_diagonal_scores, pool_blocks, probe_scores
 
 
 @register("prefill", "vertical_slash")
@@ -67,20 +70,35 @@ class VerticalSlash(Selector):
         n_probe = min(self.last_q, lq)
         q_index = shape_constant(("probe_rows", lq, n_probe, device_key(q.device)),
                                  lambda: torch.arange(lq - n_probe, lq, device=q.device, dtype=torch.int32))
+        width = slash_width(self.slash_tiles, bs)
         vertical, bands = probe_scores(q, k, q_index, 1.0 / math.sqrt(q.shape[-1]), key_padding_mask,
-                                       slash_block=bs)
+                                       slash_block=width)
+        if self.slash_tiles == "weighted":
+            bands = block_diagonal_scores(bands, width, lk, bs)
         # Top key blocks and bands, their tiles, the sink and the diagonal, compacted into index lists: two
         # Triton launches on CUDA (about twenty-five small PyTorch ops otherwise, ~1.4 ms at 32K on the H200).
         num, idx = vertical_slash_blocks(pool_blocks(vertical, lk, bs), bands, min(-(-self.vertical_size // bs), kb),
                                          min(-(-self.slash_size // bs), kb), forced_columns=-(-self.sink_columns // bs),
-                                         forced_bands=local_bands(self.local_diagonals, bs, self.slash_tiles),
-                                         q_len=lq, kv_len=lk, block=bs, band_tiles=self.slash_tiles)
+                                         forced_bands=local_bands(self.local_diagonals, bs, tiles_per_band(self)),
+                                         q_len=lq, kv_len=lk, block=bs, band_tiles=tiles_per_band(self))
         return BlockPattern(num, idx, bs, bs, lq, lk)
 
 
 def check_slash_tiles(obj):
-    if obj.slash_tiles not in (1, 2) or isinstance(obj.slash_tiles, bool):
-        raise ValueError(f"{obj.name}: slash_tiles must be 1 or 2, got {obj.slash_tiles!r}")
+    if obj.slash_tiles not in (1, 2, "weighted") or isinstance(obj.slash_tiles, bool):
+        raise ValueError(f"{obj.name}: slash_tiles must be 1, 2 or 'weighted', got {obj.slash_tiles!r}")
+
+
+def tiles_per_band(obj) -> int:
+    """Tiles per selected slash score (``vertical_slash_blocks``' ``band_tiles``): a weighted score is one
+    block-diagonal's."""
+    return 1 if obj.slash_tiles == "weighted" else obj.slash_tiles
+
+
+def slash_width(slash_tiles, block: int) -> int:
+    """Diagonals per slash sum the probes return: half-bands for the weighted block-diagonal scores (a tile's
+    weights fall from 1 to 0 across a band), whole bands otherwise."""
+    return block // 2 if slash_tiles == "weighted" else block
 
 
 def local_bands(diagonals: int, block: int, tiles: int) -> int:
