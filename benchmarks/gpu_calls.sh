@@ -57,7 +57,8 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
-#   bash benchmarks/gpu_calls.sh s9-verify      # not yet run: every Triton op's tests and the CUDA-graph tests on the
+#   bash benchmarks/gpu_calls.sh s9-weighted    # nvidia-h200-x2
+#   bash benchmarks/gpu_calls.sh s9-verify      # run in session 9: every Triton op's tests and the CUDA-graph tests on the
 #                                               # device, stopping at the first failure with its text
 # Everything lands in $OUT (at most 8 files come back; model shards are tarred and split below 16 MiB).
 set -uo pipefail
@@ -536,6 +537,18 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-weighted)  # x2, about 5 minutes: slash_tiles=weighted's accuracy (GPU 1) and speed, flexprefill's profile (GPU 0)
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 400 $B --methods \
+       "dense;vertical_slash:slash_tiles=weighted;flexprefill:slash_tiles=weighted" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-weighted.jsonl" > "$OUT/bench-weighted.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    timeout -s INT 240 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "dense;vertical_slash;vertical_slash:slash_tiles=weighted;flexprefill;flexprefill:slash_tiles=weighted" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning > "$OUT/prefill.txt"
+    timeout 90 python benchmarks/profile_select.py --lengths 32768 --methods "flexprefill" --top 25 2>&1 \
+      | grep -v Warning > "$OUT/profile.txt"
+    wait $BP; tail -n 8 "$OUT/bench-weighted.txt"; cut -c1-150 "$OUT/prefill.txt" | grep "method"; cat "$OUT/profile.txt"
     ;;
   s9-verify)  # one GPU, about 2 minutes: the s8-check failure (hip's graph test config) fixed? everything on the device
     TRITON_INTERPRET=0 timeout 150 python -m pytest -x -q -p no:cacheprovider tests/test_graphs.py \

@@ -31,9 +31,10 @@ def _meta_qkv(b, length):
 
 
 def test_op_count_at_8k():
-    """112 ATen ops at 8K tokens on the reference path (127 before the repeated sorts, tile maps and pools
+    """115 ATen ops at 8K tokens on the reference path (127 before the repeated sorts, tile maps and pools
     were shared; 111 before the selection became sparsa.ops.vertical_slash_blocks, whose reference sorts the
-    slash scores once more). On CUDA the probe scores and the selection are Triton launches instead."""
+    slash scores once more; 114 with ``slash_tiles=2``, which needs no block-diagonal scores). On CUDA the probe
+    scores and the selection are Triton launches instead."""
     sel = FlexPrefill(dense_below=0)
     q, k = _meta_qkv(1, 8192)
     sel.select(q, k)  # fills the shape caches, as the first layer of a pass does

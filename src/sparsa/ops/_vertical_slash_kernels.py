@@ -77,8 +77,8 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
     head share them) or, with ``COL_PARTIALS``, stored per probe tile (``vert_ptr`` then holds ``[probe tiles,
     B * Hq, LK]``, summed by the caller: no atomics, and the same sums every run); diagonal sums added
     atomically -- per diagonal (``SLASH_BLOCK`` 1), or per band of ``SLASH_BLOCK``
-    diagonals: a tile of consecutive probes meets at most three bands of a key tile, so three sums and three
-    atomics; only scattered probes fall back to one atomic per probability.
+    diagonals: a tile of consecutive probes meets at most three bands of a key tile, so up to three sums and three
+    atomics (the last sum by subtraction); only scattered probes fall back to one atomic per probability.
 
     (Session 8: the first version ran one program per key tile over every probe tile, reloading the probes and
     issuing the per-probability atomics predicated off; at 512 probes it took 3.5 ms at 32K on the H200, 8x the
@@ -101,11 +101,12 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
                                     BLOCK_N)
             keep = visible & real[:, None]
             prob = tl.where(keep, tl.exp2(s - row_max[:, None]), 0.0) * inv[:, None]
+            col = tl.sum(prob, 0)
             if COL_PARTIALS:
                 tile_row = tl.program_id(1) * tl.num_programs(0) + bh
-                tl.store(vert_ptr + tile_row.to(tl.int64) * LK + n, tl.sum(prob, 0), mask=n < LK)
+                tl.store(vert_ptr + tile_row.to(tl.int64) * LK + n, col, mask=n < LK)
             else:
-                tl.atomic_add(vert_ptr + bh * LK + n, tl.sum(prob, 0), mask=n < LK)
+                tl.atomic_add(vert_ptr + bh * LK + n, col, mask=n < LK)
             offset = pos[:, None] - n[None, :]
             if SLASH_BLOCK == 1:
                 tl.atomic_add(slash_ptr + bh * SLASH_LEN + offset, prob, mask=keep)
@@ -113,13 +114,16 @@ def column_pass(q_ptr, k_ptr, pos_ptr, bias_ptr, max_ptr, sum_ptr, vert_ptr, sla
                 band = tl.where(keep, offset, 0) // SLASH_BLOCK
                 low = tl.maximum(first - (start + BLOCK_N - 1), 0) // SLASH_BLOCK
                 high = (last - start) // SLASH_BLOCK
-                if high <= low + 1:  # bands at least as wide as a probe tile plus a key tile: two sums
+                if high <= low + 2:
+                    # Two or three bands: the last one's sum is the tile's total less the others' (one masked
+                    # reduction of the tile fewer; the total comes from the column sums already made).
+                    rest = tl.sum(col, 0)
                     for j in range(0, 2):
-                        part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
-                        tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)
-                elif high <= low + 2:
-                    for j in range(0, 3):
-                        part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
-                        tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)
+                        if low + j < high:
+                            part = tl.sum(tl.sum(tl.where(keep & (band == low + j), prob, 0.0), 1), 0)
+                            tl.atomic_add(slash_ptr + bh * SLASH_LEN + low + j, part, mask=part > 0)
+                            rest -= part
+                    rest = tl.maximum(rest, 0.0)
+                    tl.atomic_add(slash_ptr + bh * SLASH_LEN + high, rest, mask=(rest > 0) & (high < SLASH_LEN))
                 else:  # scattered probes: one atomic per probability
                     tl.atomic_add(slash_ptr + bh * SLASH_LEN + band, prob, mask=keep)

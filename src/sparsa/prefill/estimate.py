@@ -48,10 +48,14 @@ def block_diagonal_scores(slash: Tensor, width: int, kv_len: int, block: int) ->
     nb = block // width
     kb = -(-kv_len // block)
     x = slash[..., : kb * nb].float()
-    x = torch.nn.functional.pad(x, (nb, kb * nb - x.shape[-1]))  # row 0: offsets -block..-1 (none)
-    rows = x.view(*x.shape[:-1], kb + 1, nb)  # row m: offsets (m - 1) * block .. m * block - 1
-    rise = (torch.arange(block, dtype=torch.float32, device=x.device).view(nb, width).mean(-1)) / block
-    return rows[..., :-1, :] @ rise + rows[..., 1:, :] @ (1 - rise)
+    x = torch.nn.functional.pad(x, (nb, kb * nb - x.shape[-1]))  # offsets -block..-1 first (none)
+    windows = x.unfold(-1, 2 * nb, nb)  # block-diagonal t: offsets (t - 1) * block .. (t + 1) * block - 1
+
+    def make():  # mean weight of each bin of a window: rising to 1 at offset t * block, then falling
+        rise = torch.arange(block, dtype=torch.float32, device=x.device).view(nb, width).mean(-1) / block
+        return torch.cat([rise, 1 - rise])
+
+    return windows @ shape_constant(("diagonal_weights", block, width, device_key(x.device)), make)
 
 
 def pool_blocks(x: Tensor, length: int, block: int) -> Tensor:

@@ -19,9 +19,11 @@ default; the README says 512), no max budget; dense when the keys fit in max(2 b
 Slash budgets and tiles: the official code counts the *token* diagonals that cover ``gamma`` of the slash mass,
 divides by the block and adds one (``slash_count="diagonals"``), and computes one tile per selected band and
 query block (``slash_tiles=1``). sparsa first counted whole bands covering ``gamma`` (``"bands"``) and computed
-both block-diagonals a band crosses (``slash_tiles=2``): more tiles, the same selection order.
-``slash_tiles="weighted"`` ranks block-diagonals by the mass one of their tiles covers (as in vertical_slash);
-with ``"bands"`` the count covers ``gamma`` of those scores.
+both block-diagonals a band crosses (``slash_tiles=2``): more tiles, the same selection order. The default,
+``slash_tiles="weighted"`` (as in vertical_slash), ranks the block-diagonals themselves by the slash mass one of
+their tiles covers, and ``"bands"`` counts the block-diagonals covering ``gamma`` of those scores: one tile per
+block-diagonal, placed where the mass is (0.481 density at 32K on ref-small against 0.509 with ``2``;
+BENCHMARKS.md, session 9).
 
 sparsa's change: the paper probes with the last query block only, which misses attention that only middle
 queries pay -- measured on this project's reference model, variable tracking kept 0-42% of dense accuracy
@@ -59,7 +61,7 @@ class FlexPrefill(Selector):
     dense_below: int = 131072
     probe_blocks: int = 4
     slash_count: str = "bands"
-    slash_tiles: int = 2
+    slash_tiles: int | str = "weighted"
 
     def __post_init__(self):
         super().__post_init__()

@@ -10,20 +10,21 @@ at long context (1000 vertical, 6096 slash).
 Differences from the official kernel: lines are realised as whole tiles (MInference gathers single vertical
 columns inside 64-row blocks). The budgets are spent in the same units: ``vertical_size`` tokens buy
 ``ceil(vertical_size / block)`` key blocks, ranked by their summed column scores, and ``slash_size`` buy as many
-bands of ``block`` diagonals, ranked by their summed diagonal scores (each band covers two block-diagonals).
-Ranking single columns and then computing their whole tiles, as sparsa did first, touched nearly every key
-block at 32K (measured density 0.99 on the H200, 2026-11-29). Sinks and local diagonals are forced in the
-same way. 128-token tiles by default, FlexAttention's fast size. Patterns are per query head; the density is
-measured by ``density()``.
+slash tiles per query block. Ranking single columns and then computing their whole tiles, as sparsa did first,
+touched nearly every key block at 32K (measured density 0.99 on the H200, 2026-11-29). Sinks and local
+diagonals are forced in the same way. 128-token tiles by default, FlexAttention's fast size. Patterns are per
+query head; the density is measured by ``density()``.
 
-``slash_tiles``: tiles per selected band and query block. A band of ``block`` diagonals crosses two
-block-diagonals of each query block; ``2`` computes both (every selected diagonal whole, at twice
-MInference's cost per diagonal), ``1`` the one at the band's own offset (one tile of ``block`` keys per band
-and row, as many keys per query as MInference computes for ``block`` slash lines; FlexPrefill's official
-mapping). ``"weighted"`` ranks the block-diagonals themselves by the slash mass one of their tiles covers (each
-token diagonal's mass split between the two block-diagonals it crosses, in proportion to its entries in each;
-diagonal sums from the probes in half-bands), and computes one tile per selected block-diagonal: the budget of
-``1``, spent where the mass is. The local diagonals are forced whole in every mode.
+``slash_tiles``: how slash lines become tiles. A token diagonal crosses two block-diagonals of each query block
+(tile ``(r, last_r - t)`` holds ``block - |o - t * block|`` of its entries). ``"weighted"`` (default) ranks the
+block-diagonals by the slash mass one of their tiles covers -- each diagonal's mass split between the two in
+proportion to its entries in each, from the probes' diagonal sums in half-bands -- and computes one tile per
+selected block-diagonal. ``2`` ranks bands of ``block`` diagonals by their sums and computes both
+block-diagonals each band crosses (every selected diagonal whole, twice the tiles); ``1`` ranks bands the same
+way and computes one tile per band, at the band's own offset (FlexPrefill's official mapping), which covers a
+band's far diagonals only in part. On ref-small at 8K-32K (BENCHMARKS.md, session 9) ``"weighted"`` kept 99.3%
+of dense accuracy at density 0.236 at 32K (4.6x SDPA flash), ``2`` 99.5% at 0.314 (3.5x), ``1`` 98.9% at 0.237.
+The local diagonals are forced whole in every mode.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class VerticalSlash(Selector):
     # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
     # estimation included (0.32x at 8K, 2.07x at 32K; BENCHMARKS.md, session 3).
     dense_below: int = 32768
-    slash_tiles: int = 2
+    slash_tiles: int | str = "weighted"
 
     def __post_init__(self):
         super().__post_init__()
