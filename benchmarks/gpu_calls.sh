@@ -57,6 +57,7 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
+#   bash benchmarks/gpu_calls.sh s9-final       # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-weighted    # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-verify      # run in session 9: every Triton op's tests and the CUDA-graph tests on the
 #                                               # device, stopping at the first failure with its text
@@ -537,6 +538,21 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-final)  # x2, about 5 minutes: the new defaults (slash_tiles=weighted) -- accuracy on GPU 1; on GPU 0 the probe
+             # kernels' tests (the last band's sum is now a subtraction), their timing, and the speed table with 16K
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 400 $B --methods "dense;vertical_slash;flexprefill" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-final.jsonl" > "$OUT/bench-final.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    TRITON_INTERPRET=0 timeout 90 python -m pytest -x -q -p no:cacheprovider tests/test_vertical_slash_op.py \
+      tests/test_vertical_slash_blocks_op.py 2>&1 | tail -3
+    timeout 80 python benchmarks/probe_kernels.py --lengths 32768,131072 2>&1 | grep -v Warning
+    timeout -s INT 240 python benchmarks/prefill_speed.py --lengths 8192,16384,32768,131072 --ttft 65536,131072 \
+      --methods "dense;vertical_slash;flexprefill;vertical_slash:slash_tiles=2;flexprefill:slash_tiles=2" \
+      --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
+    timeout -s INT 45 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;vertical_slash" \
+      --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
+    wait $BP; tail -n 8 "$OUT/bench-final.txt"
     ;;
   s9-weighted)  # x2, about 5 minutes: slash_tiles=weighted's accuracy (GPU 1) and speed, flexprefill's profile (GPU 0)
     (CUDA_VISIBLE_DEVICES=1 timeout -s INT 400 $B --methods \
