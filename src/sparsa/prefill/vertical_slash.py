@@ -51,9 +51,11 @@ class VerticalSlash(Selector):
     sink_columns: int = 30
     local_diagonals: int = 100
     block: int = 128
-    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200,
-    # estimation included (0.32x at 8K, 2.07x at 32K; BENCHMARKS.md, session 3).
-    dense_below: int = 32768
+    # Dense SDPA below this key length: measured against torch's default SDPA (cuDNN) on the H200, estimation
+    # included, 32 query / 8 KV heads of 128 (0.60x at 8K, 1.09x at 16K, 2.68x at 32K; BENCHMARKS.md, session 9).
+    # The budget is a fixed token count, so the density at a length -- and this crossover -- hardly depend on
+    # the model.
+    dense_below: int = 16384
     slash_tiles: int | str = "weighted"
 
     def __post_init__(self):
