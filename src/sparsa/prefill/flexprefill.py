@@ -84,8 +84,8 @@ class FlexPrefill(Selector):
             return BlockPattern.dense(lq, lk, block_q=bs, device=q.device)
         scale = 1.0 / math.sqrt(q.shape[-1])
         q_index = self._probe_index(lq, q.device)
-        # Column scores [B, Hq, Lk]; diagonal scores [B, Hq, Lk] by offset ("diagonals") or summed in bands of
-        # `block` diagonals [B, Hq, Kb] ("bands").
+        # Column scores [B, Hq, Lk]; diagonal scores by offset [B, Hq, Lk] ("diagonals"), or summed in bins of
+        # `width` diagonals ("bands": half-bands for the weighted block-diagonal scores, whole bands otherwise).
         tokens = self.slash_count == "diagonals"
         width = 1 if tokens else slash_width(self.slash_tiles, bs)
         vertical, slash = probe_scores(q, k, q_index, scale, key_padding_mask, slash_block=width)
