@@ -57,6 +57,7 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
+#   bash benchmarks/gpu_calls.sh s9-closing     # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-final       # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-weighted    # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-verify      # run in session 9: every Triton op's tests and the CUDA-graph tests on the
@@ -538,6 +539,23 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-closing)  # x2, about 7 minutes: every issue-4 method at its defaults in one run -- accuracy on GPU 1; on GPU 0
+               # attention speed, time to first token, the fallbacks below dense_below, and 8K in two more processes
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 520 $B --methods "dense;biformer;hip;longheads;vertical_slash;flexprefill;sale;hyper" \
+       --tasks $T --lengths 8192,16384,32768 --out "$OUT/bench-all.jsonl" > "$OUT/bench-all.txt" 2>&1) & BP=$!
+    export CUDA_VISIBLE_DEVICES=0
+    M="dense;biformer;hip;longheads;vertical_slash;flexprefill;sale;hyper"
+    timeout -s INT 280 python benchmarks/prefill_speed.py --lengths 8192,32768,131072 --ttft 65536,131072 \
+      --methods "$M" --jsonl "$OUT/prefill_speed.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
+    timeout -s INT 100 python benchmarks/prefill_speed.py --lengths "" --ttft 4096,8192,16384 --own-dense-below \
+      --methods "$M" --jsonl "$OUT/fallback.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
+    for i in 1 2; do
+      timeout -s INT 50 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" \
+        --methods "dense;biformer;hip;longheads;vertical_slash" --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 \
+        | grep -v Warning > /dev/null
+    done
+    wait $BP; grep -v "^\s*$" "$OUT/bench-all.txt" | tail -n 14
     ;;
   s9-final)  # x2, about 5 minutes: the new defaults (slash_tiles=weighted) -- accuracy on GPU 1; on GPU 0 the probe
              # kernels' tests (the last band's sum is now a subtraction), their timing, and the speed table with 16K
