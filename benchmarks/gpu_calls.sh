@@ -57,6 +57,7 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
+#   bash benchmarks/gpu_calls.sh s9-32k         # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-closing     # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-final       # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-weighted    # nvidia-h200-x2
@@ -539,6 +540,14 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-32k)  # x2, about 3 minutes: the 32K losses of s9-closing (vt, multi-query NIAH) with 60 prompts per cell
+    C="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 60 --no-progress --tasks vt,niah_multiquery --lengths 32768"
+    (CUDA_VISIBLE_DEVICES=1 timeout -s INT 300 $C --methods "dense;biformer;hip;longheads" \
+       --out "$OUT/bench-32k-a.jsonl" > "$OUT/bench-32k-a.txt" 2>&1) & BP=$!
+    CUDA_VISIBLE_DEVICES=0 timeout -s INT 300 $C --methods "dense;vertical_slash;flexprefill;sale" \
+       --out "$OUT/bench-32k-b.jsonl" > "$OUT/bench-32k-b.txt" 2>&1
+    wait $BP; for f in a b; do grep -v "^\s*$" "$OUT/bench-32k-$f.txt" | grep "|" | head -12; done
     ;;
   s9-closing)  # x2, about 7 minutes: every issue-4 method at its defaults in one run -- accuracy on GPU 1; on GPU 0
                # attention speed, time to first token, the fallbacks below dense_below, and 8K in two more processes
