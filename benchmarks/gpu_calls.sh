@@ -57,6 +57,7 @@
 #   bash benchmarks/gpu_calls.sh s8-rest        # session 8: sale and hyper on the Triton attention kernel
 #   bash benchmarks/gpu_calls.sh s8-check       # session 8: index lists in one launch (hip), the CUDA-graph tests with the
 #                                               # Triton attention kernel, hip at 8K in two processes
+#   bash benchmarks/gpu_calls.sh s9-review      # one H200
 #   bash benchmarks/gpu_calls.sh s9-32k         # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-closing     # nvidia-h200-x2
 #   bash benchmarks/gpu_calls.sh s9-final       # nvidia-h200-x2
@@ -540,6 +541,10 @@ case "${1:-}" in
       timeout -s INT 40 python benchmarks/prefill_speed.py --lengths 8192 --ttft "" --methods "dense;hip;biformer" \
         --jsonl "$OUT/prefill_speed-8k.jsonl" 2>&1 | grep -v Warning | cut -c1-150 | grep "method"
     done
+    ;;
+  s9-review)  # one GPU, about 1.5 minutes: Quest's and HiP's kernels after they came to share block_max_min
+    TRITON_INTERPRET=0 timeout 120 python -m pytest -x -q -p no:cacheprovider tests/test_quest_op.py \
+      tests/test_hip_search_op.py tests/test_prefill_hip.py tests/test_graphs.py 2>&1 | tail -3
     ;;
   s9-32k)  # x2, about 3 minutes: the 32K losses of s9-closing (vt, multi-query NIAH) with 60 prompts per cell
     C="python -m sparsa.cli bench --model ref-small --device cuda --batch-size 20 --depths none -n 60 --no-progress --tasks vt,niah_multiquery --lengths 32768"

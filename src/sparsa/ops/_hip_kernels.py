@@ -22,6 +22,8 @@ interpreter cannot take a tensor as a loop bound, so there (``STATIC_LOOP``) the
 import triton
 import triton.language as tl
 
+from ._quest_kernels import block_max_min
+
 
 @triton.jit
 def _table_level0(k_head, s_kl, real_ptr, kmax_ptr, kmin_ptr, b, row0, t, LK, KB, D: tl.constexpr,
@@ -30,19 +32,7 @@ def _table_level0(k_head, s_kl, real_ptr, kmax_ptr, kmin_ptr, b, row0, t, LK, KB
     """Level 0 for key blocks ``[t * TB, (t + 1) * TB)``: max / min over each block's real keys (``-inf`` /
     ``+inf`` for a block without one, as the PyTorch table)."""
     c = t * TB + tl.arange(0, TB)
-    hi = tl.full([TB, DT], float("-inf"), tl.float32)
-    lo = tl.full([TB, DT], float("inf"), tl.float32)
-    for start in range(0, BLOCK, ROWS):
-        r = start + tl.arange(0, ROWS)
-        pos = c[:, None] * BLOCK + r[None, :]  # [TB, ROWS]
-        ok = (pos < LK) & (r < BLOCK)[None, :]
-        if HAS_REAL:
-            ok = ok & (tl.load(real_ptr + b * LK + pos, mask=ok, other=0) != 0)
-        ok3 = ok[:, :, None] & d_ok[None, None, :]
-        x = tl.load(k_head + pos.to(tl.int64)[:, :, None] * s_kl + d[None, None, :], mask=ok3, other=0.0)
-        x = x.to(tl.float32)
-        hi = tl.maximum(hi, tl.max(tl.where(ok3, x, float("-inf")), 1))
-        lo = tl.minimum(lo, tl.min(tl.where(ok3, x, float("inf")), 1))
+    hi, lo, _ = block_max_min(k_head, s_kl, real_ptr + b * LK, c, LK, d, d_ok, BLOCK, HAS_REAL, TB, DT, ROWS)
     at = (row0 + c[:, None]) * D + d[None, :]  # level 0 of this sequence and head's rows
     mask = (c < KB)[:, None] & d_ok[None, :]
     tl.store(kmax_ptr + at, hi.to(kmax_ptr.dtype.element_ty), mask=mask)

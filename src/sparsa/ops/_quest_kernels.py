@@ -19,6 +19,32 @@ import triton.language as tl
 
 
 @triton.jit
+def block_max_min(k_rows, s_kl, real_row, c, LK, d, d_ok, BLOCK: tl.constexpr, HAS_REAL: tl.constexpr,
+                  TILE: tl.constexpr, DT: tl.constexpr, ROWS: tl.constexpr):
+    """Key blocks ``c`` (``[TILE]``) of one sequence and KV head (rows at ``k_rows``, stride ``s_kl``), head
+    dims ``d`` (``[DT]``, valid where ``d_ok``): each block's elementwise max and min over its real keys (``-inf`` /
+    ``+inf`` where it has none) and its count of real keys, read ``ROWS`` positions at a time. Padding (``real_row``
+    ``[LK]`` int8 when ``HAS_REAL``) and the short last block's tail take no part. Shared by Quest's bounds and
+    HiP's sparse table."""
+    hi = tl.full([TILE, DT], float("-inf"), tl.float32)
+    lo = tl.full([TILE, DT], float("inf"), tl.float32)
+    count = tl.zeros([TILE], tl.int32)
+    for start in range(0, BLOCK, ROWS):
+        r = start + tl.arange(0, ROWS)
+        pos = c[:, None] * BLOCK + r[None, :]  # [TILE, ROWS]
+        ok = (pos < LK) & (r < BLOCK)[None, :]
+        if HAS_REAL:
+            ok = ok & (tl.load(real_row + pos, mask=ok, other=0) != 0)
+        ok3 = ok[:, :, None] & d_ok[None, None, :]
+        x = tl.load(k_rows + pos.to(tl.int64)[:, :, None] * s_kl + d[None, None, :], mask=ok3, other=0.0)
+        x = x.to(tl.float32)
+        hi = tl.maximum(hi, tl.max(tl.where(ok3, x, float("-inf")), 1))
+        lo = tl.minimum(lo, tl.min(tl.where(ok3, x, float("inf")), 1))
+        count += tl.sum(ok.to(tl.int32), 1)
+    return hi, lo, count
+
+
+@triton.jit
 def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, s_kb, s_kh, s_kl, HKV: tl.constexpr,
                   D: tl.constexpr, BLOCK: tl.constexpr, HAS_REAL: tl.constexpr, TILE: tl.constexpr,
                   ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -29,21 +55,9 @@ def bounds_kernel(k_ptr, real_ptr, kmax_ptr, kmin_ptr, alive_ptr, LK, NB, s_kb, 
     b = bh // HKV
     c = tl.program_id(1) * TILE + tl.arange(0, TILE)  # key blocks
     d = tl.arange(0, BLOCK_D)
-    hi = tl.full([TILE, BLOCK_D], float("-inf"), tl.float32)
-    lo = tl.full([TILE, BLOCK_D], float("inf"), tl.float32)
-    count = tl.zeros([TILE], tl.int32)
-    for start in range(0, BLOCK, ROWS):
-        r = start + tl.arange(0, ROWS)
-        pos = c[:, None] * BLOCK + r[None, :]  # [TILE, ROWS]
-        ok = (pos < LK) & (r < BLOCK)[None, :]
-        if HAS_REAL:
-            ok = ok & (tl.load(real_ptr + b * LK + pos, mask=ok, other=0) != 0)
-        ok3 = ok[:, :, None] & (d < D)[None, None, :]
-        at = k_ptr + b * s_kb + (bh % HKV) * s_kh + pos.to(tl.int64)[:, :, None] * s_kl + d[None, None, :]
-        x = tl.load(at, mask=ok3, other=0.0).to(tl.float32)
-        hi = tl.maximum(hi, tl.max(tl.where(ok3, x, float("-inf")), 1))
-        lo = tl.minimum(lo, tl.min(tl.where(ok3, x, float("inf")), 1))
-        count += tl.sum(ok.to(tl.int32), 1)
+    k_rows = k_ptr + b * s_kb + (bh % HKV) * s_kh
+    hi, lo, count = block_max_min(k_rows, s_kl, real_ptr + b * LK, c, LK, d, d < D, BLOCK, HAS_REAL, TILE,
+                                  BLOCK_D, ROWS)
     alive = count > 0
     # Zero, not +-inf, for a dead block: relu(q) = 0 times -inf would be NaN in the dot; the block is masked.
     hi = tl.where(alive[:, None], hi, 0.0)
