@@ -2,6 +2,7 @@
 
 - ``probe_scores``: column sums ("vertical" lines) and diagonal sums ("slash" lines) of a few probe queries'
   causal softmax attention over all keys (``sparsa.ops.vertical_slash``: Triton on CUDA, PyTorch reference);
+- ``block_diagonal_scores``: the slash mass one tile on each block-diagonal covers, from binned diagonal sums;
 - ``band_tiles`` / ``block_tiles``: the tiles that selected key blocks and diagonal bands touch, as a
   ``[B, H, Qb, Kb]`` map;
 - ``sampled_bounds``: Quest bounds of key blocks against sampled queries, per query block
