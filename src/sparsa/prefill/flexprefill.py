@@ -22,8 +22,8 @@ query block (``slash_tiles=1``). sparsa first counted whole bands covering ``gam
 both block-diagonals a band crosses (``slash_tiles=2``): more tiles, the same selection order. The default,
 ``slash_tiles="weighted"`` (as in vertical_slash), ranks the block-diagonals themselves by the slash mass one of
 their tiles covers, and ``"bands"`` counts the block-diagonals covering ``gamma`` of those scores: one tile per
-block-diagonal, placed where the mass is (0.481 density at 32K on ref-small against 0.509 with ``2``;
-BENCHMARKS.md, session 9).
+block-diagonal, placed where the mass is (0.481 density at 32K on ref-small, session 9, against 0.509 with ``2``,
+session 8; BENCHMARKS.md).
 
 sparsa's change: the paper probes with the last query block only, which misses attention that only middle
 queries pay -- measured on this project's reference model, variable tracking kept 0-42% of dense accuracy

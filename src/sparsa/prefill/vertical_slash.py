@@ -22,8 +22,9 @@ proportion to its entries in each, from the probes' diagonal sums in half-bands 
 selected block-diagonal. ``2`` ranks bands of ``block`` diagonals by their sums and computes both
 block-diagonals each band crosses (every selected diagonal whole, twice the tiles); ``1`` ranks bands the same
 way and computes one tile per band, at the band's own offset (FlexPrefill's official mapping), which covers a
-band's far diagonals only in part. On ref-small at 8K-32K (BENCHMARKS.md, session 9) ``"weighted"`` kept 99.3%
-of dense accuracy at density 0.236 at 32K (4.6x SDPA flash), ``2`` 99.5% at 0.314 (3.5x), ``1`` 98.9% at 0.237.
+band's far diagonals only in part. On ref-small at 8K-32K ``"weighted"`` kept 99.3% of dense accuracy at density
+0.236 at 32K (4.6x SDPA flash at 32K; BENCHMARKS.md, session 9), ``2`` 99.5% at 0.314 (3.6x in the same speed
+run), ``1`` 98.9% at 0.237 (session 8).
 The local diagonals are forced whole in every mode.
 """
 
